@@ -1,0 +1,1 @@
+"""Ray actors, each a thin `@ray.remote` over a plain class: Replica, Coordinator, Join."""

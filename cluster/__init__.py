@@ -1,0 +1,1 @@
+"""How Braid is started and driven: config, the Serve app, the batch job, the `braid` CLI."""

@@ -1,0 +1,1 @@
+"""The embedded default task and model: Countdown problems, traces, tokenizer, training."""
