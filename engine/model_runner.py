@@ -1,0 +1,76 @@
+"""Turns one scheduled step (sequences and how many of their tokens to compute) into tensors,
+runs the model over the paged cache and returns logits. No scheduling decisions here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cache_service import CacheConfig, KVCache, Sequence
+from engine.attention import build_batch
+from engine.model import CausalLM
+
+
+@dataclass(slots=True, frozen=True)
+class Chunk:
+    """Compute K/V for `num_tokens` tokens of `seq`, starting at `seq.num_computed`."""
+
+    seq: Sequence
+    num_tokens: int
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        kv_cache_bytes: int = 512 * 2**20,
+        block_size: int = 16,
+    ) -> None:
+        self.device = device
+        self.model = CausalLM.from_pretrained(model_path, dtype=dtype, device=device)
+        args = self.model.args
+        probe = CacheConfig(args.num_layers, args.num_kv_heads, args.head_dim, 1, block_size, dtype, device)
+        num_blocks = kv_cache_bytes // probe.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} is less than one block ({probe.bytes_per_block} bytes)")
+        self.cache = KVCache(
+            CacheConfig(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, block_size, dtype, device)
+        )
+        shape = (args.num_layers, -1, args.num_kv_heads, args.head_dim)
+        # (layers, num_slots, Hkv, D) views of the pool: attention reads and writes by slot.
+        self.kv = (self.cache.pool.k.view(shape), self.cache.pool.v.view(shape))
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk], all_logits: bool = False) -> torch.Tensor:
+        """Logits (len(chunks), vocab) at each chunk's last token, or (T, vocab) for every token.
+
+        Marks the computed tokens in the cache, which may index newly full blocks.
+        """
+        ids: list[int] = []
+        positions: list[int] = []
+        contexts: list[list[int]] = []
+        for chunk in chunks:
+            seq, start = chunk.seq, chunk.seq.num_computed
+            end = start + chunk.num_tokens
+            if not 0 < chunk.num_tokens <= len(seq) - start:
+                raise ValueError(f"chunk of {chunk.num_tokens} tokens but sequence {seq.seq_id} has {len(seq) - start}")
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(seq.positions[start:end])
+            contexts.append(seq.slots[:end])
+        num_queries = [c.num_tokens for c in chunks]
+        batch = build_batch(contexts, num_queries, self.device)
+        rows = torch.arange(len(ids)) if all_logits else torch.tensor(num_queries).cumsum(0) - 1
+        logits = self.model(
+            torch.tensor(ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            batch,
+            self.kv,
+            rows.to(self.device),
+        )
+        for chunk in chunks:
+            self.cache.mark_computed(chunk.seq, chunk.seq.num_computed + chunk.num_tokens)
+        return logits

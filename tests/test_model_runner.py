@@ -1,0 +1,118 @@
+"""The engine's logits equal transformers' forward on the same checkpoint (fp32, CPU, 1e-4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.model_runner import Chunk, ModelRunner
+from tests.checkpoints import VOCAB, load_reference
+
+ATOL = 1e-4
+
+
+def reference_logits(
+    ref: torch.nn.Module, tokens: list[int], positions: list[int] | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(len(tokens), vocab) from transformers; `mask` is (L, L) bool, True = may attend."""
+    kwargs = {}
+    if positions is not None:
+        kwargs["position_ids"] = torch.tensor([positions])
+    if mask is not None:
+        additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        kwargs["attention_mask"] = additive[None, None]
+    with torch.no_grad():
+        return ref(torch.tensor([tokens]), **kwargs).logits[0]
+
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.fixture
+def runner(checkpoint: Path) -> ModelRunner:
+    return ModelRunner(checkpoint, kv_cache_bytes=4 * 2**20, block_size=8)
+
+
+@pytest.fixture
+def ref(checkpoint: Path) -> torch.nn.Module:
+    return load_reference(checkpoint)
+
+
+def test_prefill_and_32_decode_steps(runner: ModelRunner, ref: torch.nn.Module) -> None:
+    tokens = random_tokens(21, seed=1)
+    seq = runner.cache.allocate(tokens)
+    got = runner.forward([Chunk(seq, len(seq))], all_logits=True)
+    torch.testing.assert_close(got, reference_logits(ref, tokens), atol=ATOL, rtol=0)
+    for step in range(32):
+        token = int(got[-1].argmax())
+        runner.cache.append(seq, [token])
+        got = runner.forward([Chunk(seq, 1)])
+        want = reference_logits(ref, seq.token_ids)[-1:]
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"decode step {step}")
+    runner.cache.check_integrity()
+
+
+def test_chunked_prefill_mixed_with_decodes(runner: ModelRunner, ref: torch.nn.Module) -> None:
+    long = runner.cache.allocate(random_tokens(30, seed=2))
+    short = runner.cache.allocate(random_tokens(5, seed=3))
+    runner.forward([Chunk(short, 5)])
+    runner.cache.append(short, [7])
+    # One step: a decode of `short` and the first 12 tokens of `long`; then the rest of `long`.
+    got = runner.forward([Chunk(short, 1), Chunk(long, 12)])
+    rest = runner.forward([Chunk(long, 18)], all_logits=True)
+    torch.testing.assert_close(got[0], reference_logits(ref, short.token_ids)[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1], reference_logits(ref, long.token_ids[:12])[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(rest, reference_logits(ref, long.token_ids)[12:], atol=ATOL, rtol=0)
+
+
+def test_forked_threads_match_their_full_text(runner: ModelRunner, ref: torch.nn.Module) -> None:
+    parent = runner.cache.allocate(random_tokens(19, seed=4))  # 19: fork copies a partial block
+    runner.forward([Chunk(parent, 19)])
+    children = runner.cache.fork(parent, 3)
+    for i, child in enumerate(children):
+        runner.cache.append(child, random_tokens(6 + i, seed=10 + i))
+    got = runner.forward([Chunk(c, len(c) - c.num_computed) for c in children], all_logits=True)
+    row = 0
+    for child in children:
+        n = len(child) - 19
+        want = reference_logits(ref, child.token_ids)[19:]
+        torch.testing.assert_close(got[row : row + n], want, atol=ATOL, rtol=0)
+        row += n
+    runner.cache.check_integrity()
+
+
+def test_merged_sequence_attends_as_multiverse_defines(runner: ModelRunner, ref: torch.nn.Module) -> None:
+    """Paths run in parallel after a shared prefix; the conclusion sees all of them.
+
+    Reference: transformers on the concatenated tokens with the merged positions and a
+    mask where each path sees the prefix and itself, and the conclusion sees everything.
+    """
+    prefix = random_tokens(13, seed=5)
+    parent = runner.cache.allocate(prefix)
+    runner.forward([Chunk(parent, 13)])
+    paths = runner.cache.fork(parent, 2)
+    for i, path in enumerate(paths):
+        runner.cache.append(path, random_tokens(5 + 3 * i, seed=20 + i))
+    runner.forward([Chunk(p, len(p) - 13) for p in paths])
+    merged = runner.cache.merge(parent, paths)
+    for seq in (parent, *paths):
+        runner.cache.free(seq)
+    runner.cache.append(merged, random_tokens(6, seed=30))
+    got = runner.forward([Chunk(merged, 6)], all_logits=True)
+
+    length = len(merged)
+    segment = [0] * 13 + [1] * 5 + [2] * 8 + [3] * 6  # prefix, path 1, path 2, conclusion
+    mask = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    for i in range(length):
+        for j in range(i):
+            if segment[i] in (1, 2) and segment[j] in (1, 2) and segment[i] != segment[j]:
+                mask[i, j] = False
+    assert merged.positions[-6:] == list(range(21, 27))  # after the longest path (13 + 8)
+    want = reference_logits(ref, merged.token_ids, merged.positions, mask)[-6:]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    runner.cache.free(merged)
+    runner.cache.check_integrity()
+    assert runner.cache.stats().used_blocks == 0
