@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 VOCAB = 96
@@ -47,6 +48,24 @@ def make_checkpoint(arch: str, folder: Path, seed: int = 0, config: PretrainedCo
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
     model.save_pretrained(folder)
+    return folder
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer: one token per byte, so multi-byte characters span tokens."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def make_text_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama with a byte tokenizer (vocab 256), for text-level tests."""
+    config = tiny_config("llama")
+    config.vocab_size = 256
+    make_checkpoint("llama", folder, seed, config)
+    byte_tokenizer().save(str(folder / "tokenizer.json"))
     return folder
 
 
