@@ -89,6 +89,29 @@ class Engine:
         self.scheduler.add(thread)
         return thread
 
+    def fork(
+        self, parent: Thread, child_token_ids: list[list[int]], sampling: SamplingParams | None = None
+    ) -> list[Thread]:
+        """Pause `parent` and start one child per entry, each continuing the parent's context
+        followed by its own extra tokens (e.g. a path header).
+
+        Children share the parent's computed KV through the cache's fork (full blocks
+        shared, the partial tail copied once each); the parent's last sampled token and
+        each child's extra tokens are prefilled by the child.
+        """
+        if parent.seq is None or parent.seq.num_computed != len(parent.seq):
+            raise ValueError(f"thread {parent.thread_id} has no fully computed KV to fork from")
+        seqs = self.cache.fork(parent.seq, len(child_token_ids))  # OutOfBlocks before any change
+        if parent.state is not ThreadState.PAUSED:
+            self.pause(parent)
+        children = []
+        for seq, extra in zip(seqs, child_token_ids, strict=True):
+            child = self._new_thread(parent.token_ids + list(extra), sampling or parent.sampling)
+            child.seq = seq
+            self.scheduler.add(child)
+            children.append(child)
+        return children
+
     def pause(self, thread: Thread) -> None:
         self.scheduler.pause(thread)
 

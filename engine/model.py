@@ -1,14 +1,18 @@
 """A lean decoder for the Llama, Qwen2 and Qwen3 families, reading K/V from the paged cache.
 
-Parameter names mirror Hugging Face's (`model.layers.0.self_attn.q_proj.weight`, ...), so
-a checkpoint's safetensors load into it directly. Tokens of all sequences in a step are
-flattened into one dimension T: projections and MLPs run once over all of them; only
-attention looks at sequences one group at a time (see `engine.attention`).
+Weights load straight from a checkpoint's safetensors (Hugging Face names). Tokens of
+all sequences in a step are flattened into one dimension T: projections and MLPs run once
+over all of them; only attention looks at sequences group by group (`engine.attention`).
 
-Why a lean model instead of plugging paged attention into `transformers`' classes: at
-the embedded model's size the per-step Python overhead of those classes (cache objects,
-mask builders, output dataclasses) is larger than the arithmetic; measured in
-`bench/engine.py`, this model runs several times faster per token on a CPU.
+Why not plug paged attention into `transformers`' model classes: at the embedded model's
+size a decode step is a few dozen tiny kernels, and per-op overhead is the cost. So this
+model is plain functions over fused weights, measured in `bench/engine.py`:
+- q/k/v are one matmul, gate/up one matmul; o_proj and down_proj add into the residual
+  (`addmm`);
+- RoPE is one complex multiply: q/k rows are permuted at load time from the
+  rotate-half layout (i, i + D/2) to adjacent pairs (2i, 2i + 1). Dot products are
+  unchanged by permuting q and k alike, so logits are exactly those of the checkpoint;
+  K in the cache is stored in that layout (internal to Braid).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -40,10 +43,6 @@ class ModelArgs:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
 
@@ -53,7 +52,6 @@ class ModelArgs:
             raise ValueError(f"model_type {config.model_type!r} is not supported; Braid runs {', '.join(SUPPORTED)}")
         if getattr(config, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported; set use_sliding_window=false")
-        attention_bias = bool(getattr(config, "attention_bias", False))
         eos = config.eos_token_id
         return cls(
             model_type=config.model_type,
@@ -65,121 +63,107 @@ class ModelArgs:
             num_kv_heads=config.num_key_value_heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             rms_norm_eps=config.rms_norm_eps,
-            qkv_bias=config.model_type == "qwen2" or attention_bias,
-            o_bias=config.model_type != "qwen2" and attention_bias,
-            mlp_bias=bool(getattr(config, "mlp_bias", False)),
-            qk_norm=config.model_type == "qwen3",
             tie_word_embeddings=bool(config.tie_word_embeddings),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
         )
 
 
-def rope_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
     """(inv_freq (head_dim/2,), attention scaling) exactly as `transformers` computes them."""
     rope = config.rope_parameters
     rope_type = rope.get("rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:
         raise ValueError(f"RoPE type {rope_type!r} is not supported; Braid runs {', '.join(STATIC_ROPE_TYPES)}")
     if rope_type == "default":
-        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        return 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     return ROPE_INIT_FUNCTIONS[rope_type](config)
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like transformers, then scale in the input dtype.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+def pair_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Reorder each head's rows (i, i + D/2) -> (2i, 2i + 1), for complex RoPE."""
+    half = torch.arange(head_dim // 2)
+    order = torch.stack([half, half + head_dim // 2], dim=1).flatten()  # (D,)
+    heads = w.shape[0] // head_dim
+    return w.reshape(heads, head_dim, *w.shape[1:])[:, order].reshape(w.shape)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # (hidden,)
+    qkv: torch.Tensor  # ((Hq + 2 Hkv) D, hidden), q/k rows paired for RoPE
+    qkv_bias: torch.Tensor | None
+    qk_norm: torch.Tensor | None  # (Hq + Hkv, D) Qwen3: q_norm for q heads, k_norm for k heads, paired
+    o_t: torch.Tensor  # (Hq D, hidden): o_proj transposed, for addmm into the residual
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # (2 I, hidden)
+    gate_up_bias: torch.Tensor | None
+    down_t: torch.Tensor  # (I, hidden)
+    down_bias: torch.Tensor | None
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
-        super().__init__()
-        self.layer = layer
-        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
-        if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+class CausalLM:
+    def __init__(self, args: ModelArgs, state: dict[str, torch.Tensor], inv_freq: torch.Tensor, scale: float) -> None:
+        self.args = args
+        d = args.head_dim
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, kv: tuple
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + rotate_half(q) * sin  # cos, sin: (T, 1, D)
-        k = k * cos + rotate_half(k) * sin
-        k_cache, v_cache = kv
-        out = paged_attention(q, k, v, k_cache[self.layer], v_cache[self.layer], batch)
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        def get(name: str) -> torch.Tensor | None:
+            return state.get(name)
 
+        def cat(*names: str) -> torch.Tensor | None:
+            parts = [state.get(n) for n in names]
+            return None if parts[0] is None else torch.cat(parts)
 
-class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+        self.layers: list[LayerWeights] = []
+        for i in range(args.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            qkv = torch.cat([pair_halves(state[a + "q_proj.weight"], d), pair_halves(state[a + "k_proj.weight"], d)])
+            qkv = torch.cat([qkv, state[a + "v_proj.weight"]])
+            bias = None
+            if a + "q_proj.bias" in state:
+                qk_b = [pair_halves(state[a + f"{x}_proj.bias"], d) for x in "qk"]
+                bias = torch.cat([*qk_b, state[a + "v_proj.bias"]])
+            q_norm = get(a + "q_norm.weight")
+            k_norm = get(a + "k_norm.weight")
+            self.layers.append(
+                LayerWeights(
+                    input_norm=state[p + "input_layernorm.weight"],
+                    qkv=qkv,
+                    qkv_bias=bias,
+                    qk_norm=None
+                    if q_norm is None
+                    else torch.cat(
+                        [
+                            pair_halves(q_norm, d).expand(args.num_heads, d),
+                            pair_halves(k_norm, d).expand(args.num_kv_heads, d),
+                        ]
+                    ),
+                    o_t=state[a + "o_proj.weight"].t(),
+                    o_bias=get(a + "o_proj.bias"),
+                    post_norm=state[p + "post_attention_layernorm.weight"],
+                    gate_up=torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]]),
+                    gate_up_bias=cat(m + "gate_proj.bias", m + "up_proj.bias"),
+                    down_t=state[m + "down_proj.weight"].t(),
+                    down_bias=get(m + "down_proj.bias"),
+                )
+            )
+        self.embed = state["model.embed_tokens.weight"]
+        self.norm = state["model.norm.weight"]
+        self.lm_head = state["model.embed_tokens.weight"] if args.tie_word_embeddings else state["lm_head.weight"]
+        self.inv_freq = inv_freq  # (D/2,) fp32, kept out of any dtype cast
+        self.rope_scale = scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Over the last dim; in fp32 like transformers, then scaled in the model's dtype."""
+        if x.dtype == torch.float32 and weight.dim() == 1:
+            return F.rms_norm(x, weight.shape, weight, self.args.rms_norm_eps)
+        return F.rms_norm(x.float(), x.shape[-1:], None, self.args.rms_norm_eps).to(x.dtype) * weight
 
-
-class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, layer)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: AttentionBatch, kv: tuple):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Decoder(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-
-
-class CausalLM(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        self.args = ModelArgs.from_hf(config)
-        self.model = Decoder(self.args)
-        self.lm_head = nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
-        # Kept in fp32 and outside the parameters, so casting the model never rounds it.
-        self.inv_freq, self.rope_scaling = rope_inv_freq(config)
-
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: (T, 1, head_dim), computed in fp32 as transformers does."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.rope_scaling, emb.sin() * self.rope_scaling
-        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T, 1, D/2) complex rotations for the tokens' positions."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]
+        return torch.polar(torch.full_like(angles, self.rope_scale), angles)[:, None, :]
 
     def forward(
         self,
@@ -189,32 +173,47 @@ class CausalLM(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],  # pool K, V: (layers, num_slots, Hkv, D) each
         logit_rows: torch.Tensor,  # which of the T tokens to return logits for
     ) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, kv)
-        x = self.model.norm(x[logit_rows])
-        return self.lm_head(x).float()  # (len(logit_rows), vocab)
+        args = self.args
+        t, d, hq, hkv = input_ids.shape[0], args.head_dim, args.num_heads, args.num_kv_heads
+        rot = self.rope(positions)
+        x = F.embedding(input_ids, self.embed)  # (T, hidden)
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(self.rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)  # (T, (Hq + 2 Hkv) D)
+            qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)
+            v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+            if w.qk_norm is not None:  # Qwen3: RMSNorm over each head's dims, q and k weights stacked
+                qk = self.rms_norm(qk, w.qk_norm)
+            qk = rotate(qk, rot)  # q and k heads in one call
+            q, k = qk[:, :hq], qk[:, hq:]
+            attn = paged_attention(q, k, v, kv[0][i], kv[1][i], batch).reshape(t, hq * d)
+            x = torch.addmm(x, attn, w.o_t) if w.o_bias is None else x + F.linear(attn, w.o_t.t(), w.o_bias)
+            gate, up = F.linear(self.rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            x = torch.addmm(x, h, w.down_t) if w.down_bias is None else x + F.linear(h, w.down_t.t(), w.down_bias)
+        x = self.rms_norm(x[logit_rows], self.norm)
+        return F.linear(x, self.lm_head).float()  # (len(logit_rows), vocab)
+
+    __call__ = forward
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: str) -> CausalLM:
         path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
         config = AutoConfig.from_pretrained(path)
+        args = ModelArgs.from_hf(config)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {path}")
-        with torch.device("meta"):
-            model = cls(config)
         state: dict[str, torch.Tensor] = {}
         for file in files:
             state.update(load_file(file))
-        tied = model.args.tie_word_embeddings
-        if tied:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        model.to(device=device, dtype=dtype)
-        if tied:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        with torch.device("cpu"):
-            model.inv_freq = rope_inv_freq(config)[0].to(device)
-        return model.eval()
+        state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
+        inv_freq, scale = rope_inv_freq(config, args.head_dim)
+        return cls(args, state, inv_freq.to(device), scale)
+
+
+def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE on (T, H, D) with adjacent pairs as complex numbers; rot: (T, 1, D/2)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rot).flatten(-2).to(x.dtype)

@@ -52,7 +52,6 @@ class ModelRunner:
         """
         ids: list[int] = []
         positions: list[int] = []
-        contexts: list[list[int]] = []
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_computed
             end = start + chunk.num_tokens
@@ -60,9 +59,8 @@ class ModelRunner:
                 raise ValueError(f"chunk of {chunk.num_tokens} tokens but sequence {seq.seq_id} has {len(seq) - start}")
             ids.extend(seq.token_ids[start:end])
             positions.extend(seq.positions[start:end])
-            contexts.append(seq.slots[:end])
         num_queries = [c.num_tokens for c in chunks]
-        batch = build_batch(contexts, num_queries, self.device)
+        batch = build_batch([c.seq for c in chunks], num_queries, self.cache.block_size, self.device)
         rows = torch.arange(len(ids)) if all_logits else torch.tensor(num_queries).cumsum(0) - 1
         logits = self.model(
             torch.tensor(ids, device=self.device),

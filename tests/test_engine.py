@@ -125,6 +125,26 @@ def test_pause_resume_with_inserted_tokens_and_cancel(checkpoint: Path) -> None:
     assert engine.cache.stats().used_blocks == 0 and not engine.has_work()
 
 
+def test_forked_children_continue_the_parents_context(checkpoint: Path) -> None:
+    engine = Engine(checkpoint, kv_cache_bytes=4 * MiB, block_size=8)
+    prompt = random_tokens(13, seed=11)
+    parent = engine.add_thread(prompt, SamplingParams(max_new_tokens=50))
+    for _ in range(4):
+        engine.step()
+    children = engine.fork(parent, [[20 + i] * (i + 1) for i in range(3)], SamplingParams(max_new_tokens=10))
+    assert parent.state.value == "paused"
+    while any(c.finish_reason is None for c in children):
+        engine.step()
+    ref = load_reference(checkpoint)
+    for child in children:
+        context = child.token_ids[: child.num_prompt_tokens]
+        assert context[: len(parent.token_ids)] == parent.token_ids and child.output_ids == hf_greedy(ref, context, 10)
+    assert engine.cache.stats().prefix_hit_tokens == 0  # shared by fork, not by the index
+    engine.cancel(parent)
+    engine.cache.check_integrity()
+    assert engine.cache.stats().used_blocks == 0
+
+
 def test_stop_conditions(checkpoint: Path) -> None:
     engine = Engine(checkpoint, kv_cache_bytes=4 * MiB, block_size=8)
     prompt = random_tokens(8, seed=9)

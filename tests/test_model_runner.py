@@ -116,3 +116,22 @@ def test_merged_sequence_attends_as_multiverse_defines(runner: ModelRunner, ref:
     runner.cache.free(merged)
     runner.cache.check_integrity()
     assert runner.cache.stats().used_blocks == 0
+
+
+def test_decodes_sharing_a_prefix_cascade_exactly(runner: ModelRunner, ref: torch.nn.Module) -> None:
+    """Forked children decode as one cascade group (shared prefix read once), next to a
+    thread with no shared prefix and a prefill chunk, all in one step."""
+    parent = runner.cache.allocate(random_tokens(35, seed=40))
+    loner = runner.cache.allocate(random_tokens(12, seed=41))
+    runner.forward([Chunk(parent, 35), Chunk(loner, 12)])
+    children = runner.cache.fork(parent, 4)
+    for i, child in enumerate(children):
+        runner.cache.append(child, random_tokens(3 + i, seed=50 + i))
+    runner.forward([Chunk(c, len(c) - 35) for c in children])
+    newcomer = runner.cache.allocate(random_tokens(9, seed=60))
+    for i, seq in enumerate([*children, loner]):
+        runner.cache.append(seq, [10 + i])
+    steps = [Chunk(children[0], 1), Chunk(newcomer, 9), Chunk(loner, 1), *(Chunk(c, 1) for c in children[1:])]
+    got = runner.forward(steps)
+    for logits, chunk in zip(got, steps, strict=True):
+        torch.testing.assert_close(logits, reference_logits(ref, chunk.seq.token_ids)[-1], atol=ATOL, rtol=0)
