@@ -29,7 +29,7 @@ from cache_service import Sequence
 class PrefillChunk:
     row: int  # first of its queries among the step's T tokens
     num_queries: int
-    context: torch.Tensor  # (L,) slots of the sequence up to its last query
+    context: torch.Tensor | slice  # (L,) slots of the sequence up to its last query
     mask: torch.Tensor | None  # (1, 1, num_queries, L) bool; None when L == num_queries (plain causal)
 
 
@@ -37,8 +37,8 @@ class PrefillChunk:
 class DecodeGroup:
     rows: torch.Tensor | slice  # (B,) rows of its single-query sequences among the T tokens
     size: int  # B
-    prefix: torch.Tensor | None  # (P,) slots all B sequences share (cascade), or None
-    context: torch.Tensor  # (B * Lmax,) each sequence's slots after the prefix, padded to Lmax
+    prefix: torch.Tensor | slice | None  # (P,) slots all B sequences share (cascade), or None
+    context: torch.Tensor | slice  # (B * Lmax,) each sequence's slots after the prefix, padded to Lmax
     max_len: int
     mask: torch.Tensor | None  # (B, 1, 1, Lmax) additive, -inf on padding; None when no padding
 
@@ -67,9 +67,10 @@ def build_batch(seqs: list[Sequence], num_queries: list[int], block_size: int, d
             if end != n:
                 q = torch.arange(end - n, end, device=device)[:, None]
                 mask = (torch.arange(end, device=device)[None, :] <= q)[None, None]
-            prefills.append(PrefillChunk(row, n, torch.tensor(seq.slots[:end], device=device), mask))
+            prefills.append(PrefillChunk(row, n, slot_index(seq, 0, end, block_size, device), mask))
         row += n
-    decodes = [_decode_group(rows, prefix, device) for rows, prefix in _share_groups(decode_rows, block_size)]
+    groups = _share_groups(decode_rows, block_size)
+    decodes = [_decode_group(rows, prefix, block_size, device) for rows, prefix in groups]
     return AttentionBatch(torch.tensor(write_slots, device=device), decodes, prefills)
 
 
@@ -102,8 +103,28 @@ def _share_groups(decodes: list[tuple[int, Sequence]], block_size: int) -> list[
     return groups
 
 
-def _decode_group(members: list[tuple[int, Sequence]], prefix: int, device: str) -> DecodeGroup:
+def slot_index(seq: Sequence, start: int, end: int, block_size: int, device: str) -> torch.Tensor | slice:
+    """The pool slots of tokens start..end of `seq`: a slice when they are consecutive (a
+    view, no gather: the usual case, blocks being handed out in order), else an index."""
+    if seq.standard_layout:
+        first, last = start // block_size, (end - 1) // block_size
+        b0 = seq.blocks[first]
+        if all(seq.blocks[i] == b0 + i - first for i in range(first + 1, last + 1)):
+            return slice(seq.slots[start], seq.slots[start] + end - start)
+    return torch.tensor(seq.slots[start:end], device=device)
+
+
+def gather(cache: torch.Tensor, index: torch.Tensor | slice) -> torch.Tensor:
+    return cache[index] if isinstance(index, slice) else cache.index_select(0, index)
+
+
+def _decode_group(members: list[tuple[int, Sequence]], prefix: int, block_size: int, device: str) -> DecodeGroup:
     rows = [row for row, _ in members]
+    if len(members) == 1:  # one sequence: no padding, and often a plain slice of the pool
+        seq = members[0][1]
+        end = seq.num_computed + 1
+        context = slot_index(seq, prefix, end, block_size, device)
+        return DecodeGroup(slice(rows[0], rows[0] + 1), 1, None, context, end - prefix, None)
     contexts = [seq.slots[prefix : seq.num_computed + 1] for _, seq in members]
     lengths = [len(c) for c in contexts]
     width = max(lengths)
@@ -118,7 +139,7 @@ def _decode_group(members: list[tuple[int, Sequence]], prefix: int, device: str)
     return DecodeGroup(
         rows=slice(rows[0], rows[0] + len(rows)) if in_order else torch.tensor(rows, device=device),
         size=len(rows),
-        prefix=torch.tensor(first.slots[:prefix], device=device) if prefix else None,
+        prefix=slot_index(first, 0, prefix, block_size, device) if prefix else None,
         context=torch.tensor(padded, device=device),
         max_len=width,
         mask=mask,
@@ -144,8 +165,8 @@ def paged_attention(
     for group in batch.decodes:
         out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group).reshape(-1, hq, d)
     for chunk in batch.prefills:
-        kc = k_cache.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
-        vc = v_cache.index_select(0, chunk.context).transpose(0, 1).unsqueeze(0)
+        kc = gather(k_cache, chunk.context).transpose(0, 1).unsqueeze(0)  # (1, Hkv, L, D)
+        vc = gather(v_cache, chunk.context).transpose(0, 1).unsqueeze(0)
         rows = slice(chunk.row, chunk.row + chunk.num_queries)
         qp = q[rows].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
         o = F.scaled_dot_product_attention(
@@ -160,14 +181,14 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group
     b, hq, d = group.size, q.shape[1], q.shape[2]
     hkv = k_cache.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)
-    kc = k_cache.index_select(0, group.context).view(b, group.max_len, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
-    vc = v_cache.index_select(0, group.context).view(b, group.max_len, hkv, d).transpose(1, 2)
+    kc = gather(k_cache, group.context).view(b, group.max_len, hkv, d).transpose(1, 2)  # (B, Hkv, L, D)
+    vc = gather(v_cache, group.context).view(b, group.max_len, hkv, d).transpose(1, 2)
     if group.prefix is None:
         return F.scaled_dot_product_attention(qg, kc, vc, attn_mask=group.mask)
     out_s, lse_s = attention_lse(qg, kc, vc, group.mask)  # own suffixes: (B, Hkv, g, D), (B, Hkv, g)
     # All B * g queries of a KV head attend the shared prefix together: (1, Hkv, B * g, D).
-    kp = k_cache.index_select(0, group.prefix).transpose(0, 1).unsqueeze(0)  # (1, Hkv, P, D)
-    vp = v_cache.index_select(0, group.prefix).transpose(0, 1).unsqueeze(0)
+    kp = gather(k_cache, group.prefix).transpose(0, 1).unsqueeze(0)  # (1, Hkv, P, D)
+    vp = gather(v_cache, group.prefix).transpose(0, 1).unsqueeze(0)
     qp = qg.transpose(0, 1).reshape(1, hkv, -1, d)
     out_p, lse_p = attention_lse(qp, kp, vp, None)
     out_p = out_p.view(hkv, b, -1, d).transpose(0, 1)  # (B, Hkv, g, D)
