@@ -34,4 +34,5 @@ serve: install
 	@exit 1
 
 bench: install
-	$(BIN)/python bench/kv_memory.py
+	$(BIN)/python -m bench.kv_memory
+	$(BIN)/python -m bench.engine
