@@ -11,6 +11,8 @@ class IncrementalDetokenizer:
     Decoding a window that starts a few tokens back (`prefix_offset`) keeps merges and
     leading spaces right; a trailing U+FFFD means a multi-byte character is incomplete,
     so nothing is emitted until the next token completes it (or the thread ends: `flush`).
+    Special tokens (EOS, padding) are left out; protocol tags belong in the vocabulary as
+    ordinary added tokens, so they stay in the text.
     """
 
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -30,8 +32,8 @@ class IncrementalDetokenizer:
 
     def _emit(self, final: bool) -> str:
         window = self.token_ids[self.prefix_offset :]
-        prefix = self.tokenizer.decode(window[: self.read_offset - self.prefix_offset], skip_special_tokens=False)
-        full = self.tokenizer.decode(window, skip_special_tokens=False)
+        prefix = self.tokenizer.decode(window[: self.read_offset - self.prefix_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(window, skip_special_tokens=True)
         if not final and (len(full) <= len(prefix) or full.endswith("\ufffd")):
             return ""
         delta = full[len(prefix) :]

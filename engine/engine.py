@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
+from cache_service import OutOfBlocks
 from engine.detokenizer import IncrementalDetokenizer
-from engine.model_runner import ModelRunner
+from engine.model_runner import Chunk, ModelRunner
 from engine.sampling import SamplingParams, sample
 from engine.scheduler import Scheduler, Thread, ThreadState
 
@@ -57,6 +59,7 @@ class Engine:
         max_num_batched_tokens: int = 1024,
         max_num_seqs: int = 256,
         seed: int = 0,
+        logits_processor: Callable[[list[Thread], torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         path = Path(model_path)
         self.runner = ModelRunner(path, device, dtype, kv_cache_bytes, block_size)
@@ -67,6 +70,8 @@ class Engine:
         self.eos_token_ids = set(self.runner.model.args.eos_token_ids) | _generation_eos(path)
         self.threads: dict[int, Thread] = {}
         self._seeds = random.Random(seed)
+        # Rewrites a step's logits (B, vocab) for its sampling threads; tests force scripts with it.
+        self.logits_processor = logits_processor
 
     # ---- threads -------------------------------------------------------------------
 
@@ -115,6 +120,47 @@ class Engine:
     def pause(self, thread: Thread) -> None:
         self.scheduler.pause(thread)
 
+    def settle(self, threads: list[Thread], extra_token_ids: list[list[int]] | None = None) -> None:
+        """Write the KV of every token the (paused or kept) threads hold, plus extra tokens,
+        in one forward and without sampling: a fork or a merge needs all of it.
+
+        Raises OutOfBlocks (changing nothing) when the pool cannot take the tokens.
+        """
+        extras = extra_token_ids or [[] for _ in threads]
+        if any(t.seq is None or t.state is ThreadState.RUNNING for t in threads):
+            raise ValueError("settle needs threads that hold KV and are not running")
+        needed = sum(self.cache.blocks_for(len(t.pending) + len(e)) for t, e in zip(threads, extras, strict=True))
+        if needed > self.cache.num_available_blocks:
+            raise OutOfBlocks(needed, self.cache.num_available_blocks)
+        for thread, extra in zip(threads, extras, strict=True):
+            thread.token_ids.extend(extra)
+            thread.output_ids.extend(extra)
+            if thread.detokenizer is not None:
+                thread.detokenizer.add(list(extra))
+            self.cache.append(thread.seq, thread.pending)
+        chunks = [Chunk(t.seq, len(t.seq) - t.seq.num_computed) for t in threads if t.seq.num_computed < len(t.seq)]
+        if chunks:
+            self.runner.forward(chunks)
+
+    def merge(self, parent: Thread, children: list[Thread]) -> None:
+        """Multiverse join: the parent's sequence becomes parent + each child's own tokens,
+        by concatenating block lists (no K/V recomputed); the children's KV is released.
+        All of them must be settled."""
+        merged = self.cache.merge(parent.seq, [c.seq for c in children])
+        for child in children:
+            own = child.token_ids[len(parent.token_ids) :]
+            parent.output_ids.extend(own)
+            if parent.detokenizer is not None:
+                parent.detokenizer.add(own)
+            self.release(child)
+        self.cache.free(parent.seq)
+        parent.seq = merged
+        parent.token_ids = list(merged.token_ids)
+
+    def release(self, thread: Thread) -> None:
+        """Free the KV a finished thread kept (`keep_kv`)."""
+        self.scheduler.release(thread)
+
     def resume(self, thread: Thread, extra_token_ids: list[int] = ()) -> None:
         """Continue a paused thread after prefilling `extra_token_ids` (e.g. a join's text)."""
         self.scheduler.resume(thread, list(extra_token_ids))
@@ -141,7 +187,10 @@ class Engine:
         ready = [i for i, c in enumerate(chunks) if c.seq.num_computed == len(c.seq)]
         if ready:
             sampling = [threads[i].sampling for i in ready]
-            tokens = sample(logits[ready], sampling, [threads[i].generator for i in ready])
+            logits = logits[ready]
+            if self.logits_processor is not None:
+                logits = self.logits_processor([threads[i] for i in ready], logits)
+            tokens = sample(logits, sampling, [threads[i].generator for i in ready])
             events.extend(self._accept(threads[i], token) for i, token in zip(ready, tokens, strict=True))
         return events
 

@@ -47,6 +47,7 @@ class Thread:
     finish_reason: str | None = None  # "stop", "length", "cancelled", "out_of_blocks"
     num_preemptions: int = 0
     output_ids: list[int] = field(default_factory=list)  # generated and inserted tokens
+    keep_kv: bool = False  # on finish keep the sequence (a join will merge it); Engine.release frees it
 
     @property
     def pending(self) -> list[int]:
@@ -100,14 +101,19 @@ class Scheduler:
         self.add(thread)
 
     def finish(self, thread: Thread, reason: str) -> None:
-        """End the thread (done, cancelled or failed) and free its KV."""
+        """End the thread (done, cancelled or failed) and free its KV, unless `keep_kv`."""
         self._detach(thread)
         self.paused.pop(thread.thread_id, None)
+        if thread.seq is not None and not (thread.keep_kv and reason in ("stop", "length")):
+            self.release(thread)
+        thread.state = ThreadState.FINISHED
+        thread.finish_reason = reason
+
+    def release(self, thread: Thread) -> None:
+        """Free a thread's KV."""
         if thread.seq is not None:
             self.cache.free(thread.seq)
             thread.seq = None
-        thread.state = ThreadState.FINISHED
-        thread.finish_reason = reason
 
     # ---- one step ------------------------------------------------------------------
 

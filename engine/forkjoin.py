@@ -1,0 +1,327 @@
+"""Fork-join requests on one replica: the model forks, children run together, results join.
+
+Every sampled token's text goes to its thread's protocol parser. A fork pauses the parent
+(its KV pinned) and starts one child per spawn, within the request's budgets; a child
+ends when it closes its block (or at its token limit, when the protocol closes the block
+for it). The join policy decides which children are joined; the protocol writes the
+join into the parent — by merging KV (Multiverse) or by text the parent prefills — and
+the parent goes on, perhaps to fork again. Children may fork too, up to `max_depth`.
+
+Running out of KV blocks at a fork or a join is not an error: the step is retried after
+other threads free blocks; only when nothing at all can run does a request end with
+`finish_reason="out_of_blocks"`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from cache_service import OutOfBlocks
+from engine.engine import Engine
+from engine.protocols import ChildResult, EndEvent, ForkEvent, Parser, Protocol, get_protocol
+from engine.scheduler import Thread, ThreadState
+from engine.threads import ForkJoinOptions, ForkJoinResult, ThreadNode, Usage, critical_path
+
+
+def joinable(result: ChildResult) -> bool:
+    """Rejected (by the verifier) and failed (KV lost) children never enter the parent."""
+    return result.status in ("done", "truncated")
+
+
+Verifier = Callable[[str], bool]  # a child's text -> whether its claimed result holds
+LIVE = (ThreadState.RUNNING, ThreadState.WAITING)
+
+
+@dataclass(eq=False)
+class _Fork:
+    parent: Thread
+    fork_id: int
+    depth: int  # the parent's depth
+    spawns: list[str]
+    children: list[Thread | None]  # None until started
+    results: list[ChildResult | None]
+    queue: deque[int]  # spawns waiting for a thread slot
+    settled: bool = False  # the parent's KV covers all its tokens (needed before children fork off it)
+    kept: list[ChildResult] | None = None  # chosen for the join, once decided
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: int
+    options: ForkJoinOptions
+    protocol: Protocol
+    root: Thread
+    start: float
+    threads: dict[int, Thread] = field(default_factory=dict)
+    nodes: dict[int, ThreadNode] = field(default_factory=dict)
+    parsers: dict[int, Parser] = field(default_factory=dict)
+    fork_of: dict[int, _Fork] = field(default_factory=dict)  # child thread id -> its fork
+    forks: list[_Fork] = field(default_factory=list)  # open forks
+    fork_counts: Counter[int] = field(default_factory=Counter)  # thread id -> forks it made
+    generated: int = 0
+    finish_reason: str | None = None
+    cache_peak: dict[str, int] = field(default_factory=dict)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.start
+
+    def active(self) -> int:
+        return sum(1 for t in self.threads.values() if t.state in LIVE)
+
+
+class ForkJoinEngine:
+    def __init__(self, engine: Engine, verifier: Verifier | None = None) -> None:
+        if engine.tokenizer is None:
+            raise ValueError("fork-join needs a checkpoint with tokenizer.json: protocols read text")
+        self.engine = engine
+        self.verifier = verifier
+        self.requests: dict[int, _Request] = {}
+        self.owner: dict[int, _Request] = {}  # thread id -> request
+        self._ids = itertools.count()
+
+    def submit(self, prompt: str, options: ForkJoinOptions | None = None) -> int:
+        options = options or ForkJoinOptions()
+        protocol = get_protocol(options.protocol)
+        root = self.engine.add_thread(prompt, options.sampling)
+        req = _Request(next(self._ids), options, protocol, root, time.perf_counter())
+        self._register(req, root, ThreadNode(root.thread_id, None, 0, -1, 0, "", 0.0))
+        self.requests[req.request_id] = req
+        return req.request_id
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def run(self, prompts: list[str], options: ForkJoinOptions | None = None) -> list[ForkJoinResult]:
+        ids = [self.submit(p, options) for p in prompts]
+        done: dict[int, ForkJoinResult] = {}
+        while len(done) < len(ids):
+            done.update((r.request_id, r) for r in self.step())
+        return [done[i] for i in ids]
+
+    def step(self) -> list[ForkJoinResult]:
+        """One engine step, then every protocol event it caused; returns finished requests."""
+        for event in self.engine.step():
+            req = self.owner.get(event.thread_id)
+            if req is None or req.finish_reason is not None:
+                continue
+            thread = req.threads[event.thread_id]
+            node = req.nodes[thread.thread_id]
+            if event.token_id is not None:
+                node.generated_tokens += 1
+                req.generated += 1
+            if event.text and thread.state is ThreadState.RUNNING:
+                for pe in req.parsers[thread.thread_id].feed(event.text):
+                    if isinstance(pe, ForkEvent) and self._fork(req, thread, pe.spawns):
+                        break
+                    if isinstance(pe, EndEvent):
+                        self._child_done(req, thread, "done")
+                        break
+            if event.finished and node.status == "running":
+                if thread is req.root:
+                    self._finish(req, event.finish_reason or "stop")
+                elif event.finish_reason in ("stop", "length"):
+                    ended = event.finish_reason == "stop" and not req.protocol.continues_context
+                    self._child_done(req, thread, "done" if ended else "truncated")
+                else:  # out of blocks: its KV is gone
+                    self._child_done(req, thread, "failed")
+            if req.finish_reason is None and req.generated >= req.options.max_total_tokens:
+                self._finish(req, "length")
+        for req in list(self.requests.values()):
+            if req.finish_reason is None:
+                self._advance(req)
+        if not self.engine.has_work():  # nothing can run: what is left can never finish
+            for req in self.requests.values():
+                if req.finish_reason is None:
+                    self._finish(req, "out_of_blocks")
+        return [self._collect(req) for req in list(self.requests.values()) if req.finish_reason is not None]
+
+    # ---- forks ----------------------------------------------------------------------
+
+    def _fork(self, req: _Request, parent: Thread, spawns: list[str]) -> bool:
+        """Start a fork, or note why not (the parent then goes on alone)."""
+        node = req.nodes[parent.thread_id]
+        if node.depth >= req.options.max_depth:
+            node.notes.append(f"fork refused: max_depth {req.options.max_depth}")
+            return False
+        if not spawns:
+            node.notes.append("empty fork: no children")
+            return False
+        if len(spawns) > req.options.max_fanout:
+            node.notes.append(f"fork capped: {len(spawns) - req.options.max_fanout} of {len(spawns)} spawns dropped")
+            spawns = spawns[: req.options.max_fanout]
+        self.engine.pause(parent)
+        fork_id = req.fork_counts[parent.thread_id]
+        req.fork_counts[parent.thread_id] += 1
+        n = len(spawns)
+        fork = _Fork(parent, fork_id, node.depth, spawns, [None] * n, [None] * n, deque(range(n)))
+        fork.settled = not req.protocol.continues_context
+        req.forks.append(fork)
+        self._advance(req)
+        if fork.queue:
+            node.notes.append(f"fork {fork_id}: {len(fork.queue)} children wait for a thread slot (max_threads)")
+        return True
+
+    def _advance(self, req: _Request) -> None:
+        """Settle parents, start waiting children within `max_threads`, finish decided joins."""
+        for fork in list(req.forks):
+            if not fork.settled:
+                try:
+                    self.engine.settle([fork.parent])
+                    fork.settled = True
+                except OutOfBlocks:
+                    continue
+            while fork.queue and req.active() < req.options.max_threads and self._start_child(req, fork):
+                pass
+            if fork.kept is not None:
+                self._join(req, fork)
+
+    def _start_child(self, req: _Request, fork: _Fork) -> bool:
+        index = fork.queue[0]
+        text = req.protocol.child_prompt(fork.spawns[index], index, fork.depth)
+        sampling = replace(req.options.sampling, max_new_tokens=req.options.child_max_tokens)
+        try:
+            if req.protocol.continues_context:
+                (child,) = self.engine.fork(fork.parent, [self.engine.encode(text)], sampling)
+            else:
+                child = self.engine.add_thread(text, sampling)
+        except OutOfBlocks:
+            return False
+        child.keep_kv = req.protocol.merges_kv
+        fork.queue.popleft()
+        fork.children[index] = child
+        parent_node = req.nodes[fork.parent.thread_id]
+        node = ThreadNode(
+            child.thread_id, fork.parent.thread_id, fork.depth + 1, fork.fork_id, index, fork.spawns[index], req.now()
+        )
+        parent_node.children.append(child.thread_id)
+        self._register(req, child, node)
+        req.fork_of[child.thread_id] = fork
+        self._note_cache(req)
+        return True
+
+    def _register(self, req: _Request, thread: Thread, node: ThreadNode) -> None:
+        req.threads[thread.thread_id] = thread
+        req.nodes[thread.thread_id] = node
+        req.parsers[thread.thread_id] = req.protocol.parser(is_child=node.depth > 0)
+        self.owner[thread.thread_id] = req
+
+    # ---- children ending, joins -------------------------------------------------------
+
+    def _child_done(self, req: _Request, child: Thread, status: str) -> None:
+        fork = req.fork_of[child.thread_id]
+        node = req.nodes[child.thread_id]
+        node.end_s = req.now()
+        if child.state in LIVE:
+            if req.protocol.merges_kv:
+                self.engine.pause(child)  # its KV joins the parent's
+            else:
+                self.engine.cancel(child)
+        text = child.detokenizer.text if child.detokenizer else ""
+        if status == "truncated":
+            text += req.protocol.closing()
+        succeeded = status != "failed" and req.protocol.succeeded(text)
+        if succeeded and self.verifier is not None and not self.verifier(text):
+            status, succeeded = "rejected", False
+        node.status = status
+        result = ChildResult(node.index, text, succeeded, status)
+        fork.results[node.index] = result
+        if fork.kept is not None:  # the join is decided already (first_success)
+            return
+        policy = req.options.join_policy
+        if policy == "first_success" and succeeded:
+            fork.kept = [result]
+        elif not fork.queue and all(r is not None for r in fork.results):
+            done = [r for r in fork.results if r is not None]
+            fork.kept = self._vote(req.protocol, done) if policy == "vote" else done
+
+    @staticmethod
+    def _vote(protocol: Protocol, results: list[ChildResult]) -> list[ChildResult]:
+        answers = [protocol.answer(r.text) for r in results if joinable(r)]
+        if not answers:
+            return results
+        winner = Counter(answers).most_common(1)[0][0]  # ties: the first to appear
+        return [r for r in results if joinable(r) and protocol.answer(r.text) == winner]
+
+    def _join(self, req: _Request, fork: _Fork) -> None:
+        """Prune the children not kept, write the join into the parent, resume it."""
+        kept = fork.kept or []
+        kept_ids = {r.index for r in kept}
+        for index, child in enumerate(fork.children):
+            if child is None or index in kept_ids:
+                continue
+            if child.state in LIVE or child.state is ThreadState.PAUSED:
+                self.engine.cancel(child)
+            self.engine.release(child)
+            node = req.nodes[child.thread_id]
+            if node.status not in ("rejected", "failed"):
+                node.status = "pruned"
+            node.end_s = node.end_s or req.now()
+        if fork.queue:
+            req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: {len(fork.queue)} never started")
+            fork.queue.clear()
+        merged = [r for r in kept if joinable(r)] if req.protocol.merges_kv else []
+        if merged:
+            children = [fork.children[r.index] for r in merged]
+            closings = [self.engine.encode(req.protocol.closing()) if r.status == "truncated" else [] for r in merged]
+            try:
+                self.engine.settle(children, closings)
+            except OutOfBlocks:
+                return  # retried next step
+            self._note_cache(req)
+            self.engine.merge(fork.parent, children)
+        for r in kept:
+            node = req.nodes[fork.children[r.index].thread_id]
+            if joinable(r):
+                node.notes += ["truncated"] if r.status == "truncated" else []
+                node.status = "joined"
+        depth = req.nodes[fork.parent.thread_id].depth
+        join = self.engine.encode(req.protocol.join_text(sorted(kept, key=lambda r: r.index), depth))
+        self.engine.resume(fork.parent, join)
+        req.forks.remove(fork)
+
+    # ---- the request's end -----------------------------------------------------------
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        req.finish_reason = reason
+        for thread in req.threads.values():
+            node = req.nodes[thread.thread_id]
+            cut_short = thread.state is not ThreadState.FINISHED and node.status == "running"
+            if thread.state is not ThreadState.FINISHED:
+                self.engine.cancel(thread)  # a joined child is paused with no KV: this only retires it
+            self.engine.release(thread)
+            if node.status == "running":
+                node.status = "truncated" if cut_short else "done"
+            node.end_s = node.end_s if node.end_s is not None else req.now()
+
+    def _collect(self, req: _Request) -> ForkJoinResult:
+        del self.requests[req.request_id]
+        for thread_id in req.threads:
+            self.owner.pop(thread_id, None)
+        generated = sum(n.generated_tokens for n in req.nodes.values())
+        prompt = req.root.num_prompt_tokens
+        usage = Usage(prompt, generated, prompt + generated, critical_path(req.nodes, req.root.thread_id))
+        return ForkJoinResult(
+            request_id=req.request_id,
+            text=req.root.detokenizer.text if req.root.detokenizer else "",
+            finish_reason=req.finish_reason or "",
+            threads=sorted(req.nodes.values(), key=lambda n: n.thread_id),
+            usage=usage,
+            cache=dict(req.cache_peak),
+        )
+
+    def _note_cache(self, req: _Request) -> None:
+        """Peak KV figures, sampled at forks and joins (when sharing is at its height)."""
+        stats = self.engine.cache.stats()
+        now = {
+            "used_blocks": stats.used_blocks,
+            "shared_blocks": stats.shared_blocks,
+            "branch_blocks": stats.branch_blocks,
+            "used_bytes": stats.used_bytes,
+            "shared_bytes": stats.shared_bytes,
+        }
+        for key, value in now.items():
+            req.cache_peak[key] = max(req.cache_peak.get(key, 0), value)

@@ -1,0 +1,291 @@
+"""Fork-join end to end on one replica, each protocol, with scripted (teacher-forced) threads.
+
+After every request the cache passes `check_integrity()` with no block in use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.forkjoin import ForkJoinEngine
+from engine.sampling import SamplingParams
+from engine.threads import ForkJoinOptions, ForkJoinResult
+from tests.checkpoints import load_reference
+from tests.scripted import Scripts, make_protocol_checkpoint, scripted_engine
+from tests.test_model_runner import ATOL, reference_logits
+
+MV_ROOT = "<Parallel><Goal><Outline>1: left</Outline><Outline>2: right</Outline></Goal>"
+MV_SCRIPTS = {
+    "Q:": MV_ROOT + " so 42</Conclusion></Parallel> done",
+    "<Path>\n1:": " went left</Path>",
+    "<Path>\n2:": " went right, further on</Path>",
+}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_protocol_checkpoint(tmp_path_factory.mktemp("protocols"))
+
+
+@pytest.fixture(scope="module")
+def plain_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tags spelled out byte by byte: a tag arrives split over many tokens."""
+    return make_protocol_checkpoint(tmp_path_factory.mktemp("plain"), tags_as_tokens=False)
+
+
+def run(
+    ckpt: Path, scripts: dict[str, str], verifier=None, prompt: str = "Q:", **options: object
+) -> tuple[ForkJoinResult, ForkJoinEngine, Scripts]:
+    engine, forced = scripted_engine(ckpt, scripts)
+    fj = ForkJoinEngine(engine, verifier)
+    options.setdefault("sampling", SamplingParams(max_new_tokens=200))
+    (result,) = fj.run([prompt], ForkJoinOptions(**options))
+    engine.cache.check_integrity()
+    assert engine.cache.stats().used_blocks == 0, "a request left KV blocks in use"
+    assert not fj.requests and not engine.has_work()
+    return result, fj, forced
+
+
+def by_status(result: ForkJoinResult) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in result.threads:
+        counts[node.status] = counts.get(node.status, 0) + 1
+    return counts
+
+
+def logits_after_join(forced: Scripts, result: ForkJoinResult, root_tokens_before: int) -> torch.Tensor:
+    return forced.seen[(result.threads[0].thread_id, root_tokens_before)]
+
+
+@pytest.mark.parametrize("tags_as_tokens", [True, False])
+def test_multiverse_forks_merges_kv_and_concludes(ckpt: Path, plain_ckpt: Path, tags_as_tokens: bool) -> None:
+    result, _fj, _forced = run(ckpt if tags_as_tokens else plain_ckpt, MV_SCRIPTS, protocol="multiverse")
+    want = MV_ROOT + "<Path>\n1: went left</Path><Path>\n2: went right, further on</Path>"
+    assert result.text == want + "<Conclusion> so 42</Conclusion></Parallel> done"
+    assert result.finish_reason == "stop"
+    root, a, b = result.threads
+    assert (a.parent_id, b.parent_id) == (root.thread_id, root.thread_id)
+    assert [a.status, b.status] == ["joined", "joined"] and root.children == [a.thread_id, b.thread_id]
+    assert result.cache["shared_blocks"] > 0  # the children really shared the prefix
+    # Critical path: the root's own tokens plus the longer child.
+    assert result.usage.critical_path_tokens == root.generated_tokens + max(a.generated_tokens, b.generated_tokens)
+    assert result.usage.generated_tokens == root.generated_tokens + a.generated_tokens + b.generated_tokens
+
+
+def test_multiverse_conclusion_attends_as_the_format_defines(ckpt: Path) -> None:
+    """The root's first logits after the merge equal transformers' with the Multiverse
+    mask: each path sees the prefix and itself; the conclusion sees everything, at
+    positions after the longest path."""
+    result, fj, forced = run(ckpt, MV_SCRIPTS, protocol="multiverse")
+    tok = fj.engine.tokenizer
+    root_ids = tok.encode("Q:").ids
+    prefix = root_ids + tok.encode(MV_ROOT).ids
+    paths = [tok.encode("<Path>\n1: went left</Path>").ids, tok.encode("<Path>\n2: went right, further on</Path>").ids]
+    conclusion = tok.encode("<Conclusion>").ids
+    tokens = prefix + paths[0] + paths[1] + conclusion
+    p = len(prefix)
+    positions = list(range(p + len(paths[0]))) + list(range(p, p + len(paths[1])))
+    longest = p + max(map(len, paths))
+    positions += list(range(longest, longest + len(conclusion)))
+    segment = [0] * p + [1] * len(paths[0]) + [2] * len(paths[1]) + [3] * len(conclusion)
+    mask = torch.tril(torch.ones(len(tokens), len(tokens), dtype=torch.bool))
+    for i in range(len(tokens)):
+        for j in range(i):
+            if {segment[i], segment[j]} == {1, 2}:
+                mask[i, j] = False
+    want = reference_logits(load_reference(ckpt), tokens, positions, mask)[-1]
+    root_generated_before_join = len(tok.encode(MV_ROOT).ids)
+    got = logits_after_join(forced, result, root_generated_before_join)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+TW_ROOT = "<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></Outlines>"
+
+
+def test_threadweaver_appends_threads_and_parent_kv_equals_fresh_prefill(ckpt: Path) -> None:
+    scripts = {"Q:": TW_ROOT + "answer", "<Thread>\n1:": " one</Thread>", "<Thread>\n2:": " two two</Thread>"}
+    result, fj, forced = run(ckpt, scripts, protocol="threadweaver")
+    joined = "\n<Thread>\n1: one</Thread>\n<Thread>\n2: two two</Thread>\n</Parallel>\n"
+    assert result.text == TW_ROOT + joined + "answer"
+    tok = fj.engine.tokenizer
+    context = tok.encode("Q:" + TW_ROOT + joined).ids
+    got = logits_after_join(forced, result, len(tok.encode(TW_ROOT).ids))
+    torch.testing.assert_close(got, reference_logits(load_reference(ckpt), context)[-1], atol=ATOL, rtol=0)
+
+
+APR_ROOT = (
+    "<Calling Sub Searches>\n<Start Sub Search 0 at level 1> Moving to A\n"
+    "<Start Sub Search 1 at level 1> Moving to B\n<End Calling Sub Searches>"
+)
+APR_SCRIPTS = {
+    "Q:": APR_ROOT + "final",
+    "Moving to A\n": "try 1\n<No Solution>\n",
+    "Moving to B\n": "try 2\n<Goal Reached> 6*4=24\n",
+}
+
+
+def test_apr_children_start_fresh_and_only_results_are_joined(ckpt: Path) -> None:
+    result, fj, forced = run(ckpt, APR_SCRIPTS, protocol="apr")
+    joined = (
+        "<Sub Searches>\n<No Solution in Sub Search 0 at level 1>\n"
+        "<Goal Reached in Sub Search 1 at level 1> 6*4=24\n<End Sub Searches>\n"
+    )
+    assert result.text == APR_ROOT + joined + "final"
+    assert [n.spawn for n in result.threads[1:]] == ["Moving to A", "Moving to B"]
+    tok = fj.engine.tokenizer
+    context = tok.encode("Q:" + APR_ROOT + joined).ids
+    got = logits_after_join(forced, result, len(tok.encode(APR_ROOT).ids))
+    torch.testing.assert_close(got, reference_logits(load_reference(ckpt), context)[-1], atol=ATOL, rtol=0)
+
+
+def test_nested_and_sequential_forks(ckpt: Path) -> None:
+    scripts = {
+        "Q:": "<Goal><Outline>x</Outline><Outline>y</Outline></Goal>A<Goal><Outline>z</Outline></Goal>B",
+        "</Goal><Path>\n1:": " px</Path>",  # first fork, child 1 ... and second fork's only child
+        "</Goal><Path>\n2:": " <Goal><Outline>deep</Outline></Goal>!</Path>",  # forks again inside
+        "deep</Outline></Goal><Path>\n1:": " leaf</Path>",
+    }
+    result, _fj, _forced = run(ckpt, scripts, protocol="multiverse", max_depth=2)
+    assert result.text == (
+        "<Goal><Outline>x</Outline><Outline>y</Outline></Goal>"
+        "<Path>\n1: px</Path><Path>\n2: <Goal><Outline>deep</Outline></Goal><Path>\n1: leaf</Path><Conclusion>!</Path>"
+        "<Conclusion>A<Goal><Outline>z</Outline></Goal><Path>\n1: px</Path><Conclusion>B"
+    )
+    depths = sorted(n.depth for n in result.threads)
+    assert depths == [0, 1, 1, 1, 2]
+    forks = {n.fork for n in result.threads if n.parent_id == result.threads[0].thread_id}
+    assert forks == {0, 1}  # the root forked twice, one after the other
+
+
+def test_fork_past_max_depth_is_refused_and_the_thread_goes_on(ckpt: Path) -> None:
+    scripts = {"Q:": "<Goal><Outline>x</Outline></Goal>alone"}
+    result, _, _ = run(ckpt, scripts, protocol="multiverse", max_depth=0)
+    assert result.text == "<Goal><Outline>x</Outline></Goal>alone"
+    assert len(result.threads) == 1 and "fork refused: max_depth 0" in result.threads[0].notes
+
+
+def test_first_success_cancels_the_rest_and_frees_their_kv(ckpt: Path) -> None:
+    scripts = {
+        "Q:": "<Goal><Outline>a</Outline><Outline>b</Outline><Outline>c</Outline></Goal>end",
+        "<Path>\n1:": " no</Path>",
+        "<Path>\n2:": " yes</Path>",
+        "<Path>\n3:": " " + "long " * 40 + "yes</Path>",
+    }
+    result, _fj, _ = run(
+        ckpt, scripts, verifier=lambda text: "yes" in text, protocol="multiverse", join_policy="first_success"
+    )
+    nodes = result.threads
+    assert [n.status for n in nodes[1:]] == ["rejected", "joined", "pruned"]
+    assert nodes[3].generated_tokens < 40  # cut off long before its end
+    assert result.text == "<Goal><Outline>a</Outline><Outline>b</Outline><Outline>c</Outline></Goal>" + (
+        "<Path>\n2: yes</Path><Conclusion>end"
+    )
+
+
+def test_vote_joins_the_majority(ckpt: Path) -> None:
+    scripts = {
+        "Q:": "<Parallel><Outlines><Outline>a</Outline><Outline>b</Outline><Outline>c</Outline></Outlines>end",
+        "<Thread>\n1:": " so A</Thread>",
+        "<Thread>\n2:": " so B</Thread>",
+        "<Thread>\n3:": " so A</Thread>",
+    }
+    result, _, _ = run(ckpt, scripts, protocol="threadweaver", join_policy="vote")
+    assert [n.status for n in result.threads[1:]] == ["joined", "pruned", "joined"]
+    assert "<Thread>\n1: so A</Thread>\n<Thread>\n3: so A</Thread>\n</Parallel>" in result.text
+
+
+def test_max_threads_makes_children_wait_for_a_slot(ckpt: Path) -> None:
+    result, _, _ = run(ckpt, MV_SCRIPTS, protocol="multiverse", max_threads=1)
+    root, a, b = result.threads
+    assert b.start_s >= a.end_s  # one at a time
+    assert any("wait for a thread slot" in note for note in root.notes)
+    assert [a.status, b.status] == ["joined", "joined"]
+
+
+def test_fanout_cap_drops_spawns_with_a_marker(ckpt: Path) -> None:
+    outlines = "".join(f"<Outline>{i}</Outline>" for i in range(5))
+    scripts = {"Q:": f"<Goal>{outlines}</Goal>end", "<Path>\n1:": " a</Path>", "<Path>\n2:": " b</Path>"}
+    result, _, _ = run(ckpt, scripts, protocol="multiverse", max_fanout=2)
+    assert len(result.threads) == 3
+    assert "fork capped: 3 of 5 spawns dropped" in result.threads[0].notes
+
+
+def test_child_token_limit_truncates_and_closes_the_block(ckpt: Path) -> None:
+    scripts = {"Q:": "<Goal><Outline>a</Outline></Goal>end", "<Path>\n1:": " " + "z" * 50}
+    result, _, _ = run(ckpt, scripts, protocol="multiverse", child_max_tokens=5)
+    child = result.threads[1]
+    assert child.status == "joined" and "truncated" in child.notes and child.generated_tokens == 5
+    assert result.text.endswith("<Path>\n1: zzzz</Path><Conclusion>end")
+
+
+def test_total_token_budget_ends_the_request_cleanly(ckpt: Path) -> None:
+    long = " " + "w" * 80
+    scripts = {"Q:": "<Goal><Outline>a</Outline><Outline>b</Outline></Goal>end", "<Path>\n1:": long, "<Path>\n2:": long}
+    result, _, _ = run(ckpt, scripts, protocol="multiverse", max_total_tokens=40)
+    assert result.finish_reason == "length"
+    assert result.usage.generated_tokens == 40
+    assert by_status(result).get("truncated", 0) >= 2
+
+
+@pytest.mark.parametrize(
+    ("root", "note"),
+    [
+        ("</Goal> stray close, <Outline>x</Outline> and <Unknown> tags", None),
+        ("<Goal><Outline>never closed", None),
+        ("<Goal></Goal>after", "empty fork: no children"),
+        ("<Goal><Outline>a</Goal>after", None),  # an outline left open: the fork has no children
+        ("<" + "x" * 100 + " not a tag", None),
+    ],
+)
+def test_malformed_output_never_hangs_or_leaks(ckpt: Path, root: str, note: str | None) -> None:
+    result, _, _ = run(ckpt, {"Q:": root}, protocol="multiverse")
+    assert result.text == root and len(result.threads) == 1
+    if note:
+        assert note in result.threads[0].notes
+
+
+def test_child_that_never_closes_its_block_is_truncated(ckpt: Path) -> None:
+    scripts = {"Q:": "<Goal><Outline>a</Outline></Goal>end", "<Path>\n1:": " rambles"}  # EOS, no </Path>
+    result, _, _ = run(ckpt, scripts, protocol="multiverse")
+    assert result.threads[1].status == "joined" and "truncated" in result.threads[1].notes
+    assert "<Path>\n1: rambles</Path><Conclusion>end" in result.text
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="join_policy"):
+        ForkJoinOptions(join_policy="best")
+    with pytest.raises(ValueError, match="max_threads"):
+        ForkJoinOptions(max_threads=0)
+    from engine.protocols import get_protocol
+
+    with pytest.raises(ValueError, match="unknown protocol"):
+        get_protocol("tree-of-thought")
+
+
+def test_children_run_concurrently(ckpt: Path) -> None:
+    result, _, _ = run(ckpt, MV_SCRIPTS, protocol="multiverse")
+    _, a, b = result.threads
+    assert a.start_s < b.end_s and b.start_s < a.end_s
+
+
+@pytest.mark.parametrize("num_blocks", [10, 14, 40])
+def test_a_short_pool_delays_or_fails_cleanly(ckpt: Path, num_blocks: int) -> None:
+    """Children and joins wait for blocks; if nothing can ever run the request ends
+    with out_of_blocks. Either way nothing leaks."""
+    outlines = "".join(f"<Outline>{i}</Outline>" for i in range(4))
+    scripts = {
+        "Q:": f"<Goal>{outlines}</Goal>end",
+        **{f"<Path>\n{i}:": " " + "k" * 30 + "</Path>" for i in range(1, 5)},
+    }
+    bytes_per_block = scripted_engine(ckpt, scripts)[0].cache.config.bytes_per_block
+    engine, _ = scripted_engine(ckpt, scripts, kv_cache_bytes=num_blocks * bytes_per_block)
+    fj = ForkJoinEngine(engine)
+    (result,) = fj.run(["Q:"], ForkJoinOptions(protocol="multiverse", sampling=SamplingParams(max_new_tokens=200)))
+    assert result.finish_reason in ("stop", "out_of_blocks")
+    if num_blocks == 40:
+        assert result.finish_reason == "stop" and result.text.endswith("<Conclusion>end")
+    engine.cache.check_integrity()
+    assert engine.cache.stats().used_blocks == 0
