@@ -193,9 +193,9 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group
     out_p, lse_p = attention_lse(qp, kp, vp, None)
     out_p = out_p.view(hkv, b, -1, d).transpose(0, 1)  # (B, Hkv, g, D)
     lse_p = lse_p.view(hkv, b, -1).transpose(0, 1)  # (B, Hkv, g)
-    lse = torch.logaddexp(lse_p, lse_s)
-    out = out_p * torch.exp(lse_p - lse).unsqueeze(-1) + out_s * torch.exp(lse_s - lse).unsqueeze(-1)
-    return out.to(q.dtype)
+    # Each part's weight is its share of the total softmax mass: softmax over the two LSEs.
+    weights = torch.softmax(torch.stack((lse_p, lse_s)), dim=0).unsqueeze(-1)  # (2, B, Hkv, g, 1)
+    return torch.addcmul(out_s * weights[1], out_p, weights[0]).to(q.dtype)
 
 
 def attention_lse(

@@ -8,7 +8,8 @@ Why not plug paged attention into `transformers`' model classes: at the embedded
 size a decode step is a few dozen tiny kernels, and per-op overhead is the cost. So this
 model is plain functions over fused weights, measured in `bench/engine.py`:
 - q/k/v are one matmul, gate/up one matmul; o_proj and down_proj add into the residual
-  (`addmm`);
+  (`addmm`); weights are stored transposed, (in, out) and contiguous, which CPU GEMMs with
+  few rows run about 1.4x faster than `F.linear` on the (out, in) layout;
 - RoPE is one complex multiply: q/k rows are permuted at load time from the
   rotate-half layout (i, i + D/2) to adjacent pairs (2i, 2i + 1). Dot products are
   unchanged by permuting q and k alike, so logits are exactly those of the checkpoint;
@@ -90,13 +91,13 @@ def pair_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # (hidden,)
-    qkv: torch.Tensor  # ((Hq + 2 Hkv) D, hidden), q/k rows paired for RoPE
+    qkv_t: torch.Tensor  # (hidden, (Hq + 2 Hkv) D), q/k columns paired for RoPE
     qkv_bias: torch.Tensor | None
     qk_norm: torch.Tensor | None  # (Hq + Hkv, D) Qwen3: q_norm for q heads, k_norm for k heads, paired
-    o_t: torch.Tensor  # (Hq D, hidden): o_proj transposed, for addmm into the residual
+    o_t: torch.Tensor  # (Hq D, hidden)
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # (2 I, hidden)
+    gate_up_t: torch.Tensor  # (hidden, 2 I)
     gate_up_bias: torch.Tensor | None
     down_t: torch.Tensor  # (I, hidden)
     down_bias: torch.Tensor | None
@@ -109,6 +110,9 @@ class CausalLM:
 
         def get(name: str) -> torch.Tensor | None:
             return state.get(name)
+
+        def t(w: torch.Tensor) -> torch.Tensor:
+            return w.t().contiguous()
 
         def cat(*names: str) -> torch.Tensor | None:
             parts = [state.get(n) for n in names]
@@ -129,7 +133,7 @@ class CausalLM:
             self.layers.append(
                 LayerWeights(
                     input_norm=state[p + "input_layernorm.weight"],
-                    qkv=qkv,
+                    qkv_t=t(qkv),
                     qkv_bias=bias,
                     qk_norm=None
                     if q_norm is None
@@ -139,12 +143,12 @@ class CausalLM:
                             pair_halves(k_norm, d).expand(args.num_kv_heads, d),
                         ]
                     ),
-                    o_t=state[a + "o_proj.weight"].t(),
+                    o_t=t(state[a + "o_proj.weight"]),
                     o_bias=get(a + "o_proj.bias"),
                     post_norm=state[p + "post_attention_layernorm.weight"],
-                    gate_up=torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]]),
+                    gate_up_t=t(torch.cat([state[m + "gate_proj.weight"], state[m + "up_proj.weight"]])),
                     gate_up_bias=cat(m + "gate_proj.bias", m + "up_proj.bias"),
-                    down_t=state[m + "down_proj.weight"].t(),
+                    down_t=t(state[m + "down_proj.weight"]),
                     down_bias=get(m + "down_proj.bias"),
                 )
             )
@@ -171,14 +175,14 @@ class CausalLM:
         positions: torch.Tensor,  # (T,)
         batch: AttentionBatch,
         kv: tuple[torch.Tensor, torch.Tensor],  # pool K, V: (layers, num_slots, Hkv, D) each
-        logit_rows: torch.Tensor,  # which of the T tokens to return logits for
+        logit_rows: torch.Tensor | slice,  # which of the T tokens to return logits for
     ) -> torch.Tensor:
         args = self.args
         t, d, hq, hkv = input_ids.shape[0], args.head_dim, args.num_heads, args.num_kv_heads
         rot = self.rope(positions)
         x = F.embedding(input_ids, self.embed)  # (T, hidden)
         for i, w in enumerate(self.layers):
-            qkv = F.linear(self.rms_norm(x, w.input_norm), w.qkv, w.qkv_bias)  # (T, (Hq + 2 Hkv) D)
+            qkv = matmul(self.rms_norm(x, w.input_norm), w.qkv_t, w.qkv_bias)  # (T, (Hq + 2 Hkv) D)
             qk = qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d)
             v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
             if w.qk_norm is not None:  # Qwen3: RMSNorm over each head's dims, q and k weights stacked
@@ -186,10 +190,10 @@ class CausalLM:
             qk = rotate(qk, rot)  # q and k heads in one call
             q, k = qk[:, :hq], qk[:, hq:]
             attn = paged_attention(q, k, v, kv[0][i], kv[1][i], batch).reshape(t, hq * d)
-            x = torch.addmm(x, attn, w.o_t) if w.o_bias is None else x + F.linear(attn, w.o_t.t(), w.o_bias)
-            gate, up = F.linear(self.rms_norm(x, w.post_norm), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+            x = torch.addmm(x, attn, w.o_t) if w.o_bias is None else x + matmul(attn, w.o_t, w.o_bias)
+            gate, up = matmul(self.rms_norm(x, w.post_norm), w.gate_up_t, w.gate_up_bias).chunk(2, dim=-1)
             h = F.silu(gate) * up
-            x = torch.addmm(x, h, w.down_t) if w.down_bias is None else x + F.linear(h, w.down_t.t(), w.down_bias)
+            x = torch.addmm(x, h, w.down_t) if w.down_bias is None else x + matmul(h, w.down_t, w.down_bias)
         x = self.rms_norm(x[logit_rows], self.norm)
         return F.linear(x, self.lm_head).float()  # (len(logit_rows), vocab)
 
@@ -211,6 +215,11 @@ class CausalLM:
         state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
         inv_freq, scale = rope_inv_freq(config, args.head_dim)
         return cls(args, state, inv_freq.to(device), scale)
+
+
+def matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (T, in) @ w_t (in, out) [+ bias]."""
+    return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

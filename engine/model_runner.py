@@ -61,14 +61,12 @@ class ModelRunner:
             positions.extend(seq.positions[start:end])
         num_queries = [c.num_tokens for c in chunks]
         batch = build_batch([c.seq for c in chunks], num_queries, self.cache.block_size, self.device)
-        rows = torch.arange(len(ids)) if all_logits else torch.tensor(num_queries).cumsum(0) - 1
-        logits = self.model(
-            torch.tensor(ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            batch,
-            self.kv,
-            rows.to(self.device),
-        )
+        if all_logits or len(ids) == len(chunks):  # every token's logits (e.g. an all-decode step)
+            rows = slice(None)
+        else:
+            rows = torch.tensor(num_queries, device=self.device).cumsum(0) - 1
+        ids_and_positions = torch.tensor([ids, positions], device=self.device)  # one host-to-device copy
+        logits = self.model(ids_and_positions[0], ids_and_positions[1], batch, self.kv, rows)
         for chunk in chunks:
             self.cache.mark_computed(chunk.seq, chunk.seq.num_computed + chunk.num_tokens)
         return logits

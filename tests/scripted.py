@@ -52,13 +52,16 @@ class Scripts:
         self.eos = tokenizer.token_to_id(EOS)
         self.scripts = {key: tokenizer.encode(text).ids + [self.eos] for key, text in scripts.items()}
         self.seen: dict[tuple[int, int], torch.Tensor] = {}  # (thread id, tokens generated) -> logits
+        self.chosen: dict[int, list[int]] = {}  # thread id -> its script
 
     def script_for(self, thread: Thread) -> list[int]:
-        prompt = self.tokenizer.decode(thread.token_ids[: thread.num_prompt_tokens], skip_special_tokens=False)
-        keys = [k for k in self.scripts if prompt.endswith(k)]
-        if not keys:
-            raise KeyError(f"no script for a thread whose prompt ends with {prompt[-40:]!r}")
-        return self.scripts[max(keys, key=len)]
+        if thread.thread_id not in self.chosen:
+            prompt = self.tokenizer.decode(thread.token_ids[: thread.num_prompt_tokens], skip_special_tokens=False)
+            keys = [k for k in self.scripts if prompt.endswith(k)]
+            if not keys:
+                raise KeyError(f"no script for a thread whose prompt ends with {prompt[-40:]!r}")
+            self.chosen[thread.thread_id] = self.scripts[max(keys, key=len)]
+        return self.chosen[thread.thread_id]
 
     def __call__(self, threads: list[Thread], logits: torch.Tensor) -> torch.Tensor:
         forced = torch.full_like(logits, float("-inf"))
@@ -71,7 +74,8 @@ class Scripts:
 
 
 def scripted_engine(checkpoint: Path, scripts: dict[str, str], **kwargs: object) -> tuple[Engine, Scripts]:
-    engine = Engine(checkpoint, kv_cache_bytes=kwargs.pop("kv_cache_bytes", 8 * 2**20), block_size=8, **kwargs)
+    kwargs = {"kv_cache_bytes": 8 * 2**20, "block_size": 8, **kwargs}
+    engine = Engine(checkpoint, **kwargs)
     processor = Scripts(engine.tokenizer, scripts)
     engine.logits_processor = processor
     return engine, processor
