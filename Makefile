@@ -36,3 +36,4 @@ serve: install
 bench: install
 	$(BIN)/python -m bench.kv_memory
 	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.forkjoin
