@@ -4,22 +4,39 @@ from __future__ import annotations
 
 import argparse
 
+TASKS = ("countdown",)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="braid",
-        description=(
-            "Braid serves language models that reason in parallel. "
-            "The KV cache (cache_service) is in place; serving, the demo and training "
-            "commands arrive with the engine, fork-join and serving milestones (see README)."
-        ),
+        description="Braid serves language models that reason in parallel.",
     )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    train = commands.add_parser(
+        "train", add_help=False, help="train the embedded model of a task (python -m countdown.train)"
+    )
+    train.add_argument("task", choices=TASKS)
+    evaluate = commands.add_parser(
+        "eval", add_help=False, help="evaluate a model on a task through Braid (python -m countdown.evaluate)"
+    )
+    evaluate.add_argument("task", choices=TASKS)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from countdown.train import main as train
+
+        train(rest)
+    elif args.command == "eval":
+        from countdown.evaluate import main as evaluate
+
+        evaluate(rest)
+    else:
+        parser.print_help()
     return 0
 
 

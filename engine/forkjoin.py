@@ -32,7 +32,7 @@ def joinable(result: ChildResult) -> bool:
     return result.status in ("done", "truncated")
 
 
-Verifier = Callable[[str], bool]  # a child's text -> whether its claimed result holds
+Verifier = Callable[[str, str], bool]  # (request prompt, child's text) -> whether its claimed result holds
 LIVE = (ThreadState.RUNNING, ThreadState.WAITING)
 
 
@@ -55,6 +55,7 @@ class _Request:
     options: ForkJoinOptions
     protocol: Protocol
     root: Thread
+    prompt: str
     start: float
     threads: dict[int, Thread] = field(default_factory=dict)
     nodes: dict[int, ThreadNode] = field(default_factory=dict)
@@ -74,11 +75,16 @@ class _Request:
 
 
 class ForkJoinEngine:
-    def __init__(self, engine: Engine, verifier: Verifier | None = None) -> None:
+    def __init__(
+        self, engine: Engine, verifier: Verifier | None = None, succeeded: Callable[[str], bool] | None = None
+    ) -> None:
+        """`verifier` rejects a child's wrong claim before the join; `succeeded` says whether a
+        child's text claims success (default: the protocol's own marker)."""
         if engine.tokenizer is None:
             raise ValueError("fork-join needs a checkpoint with tokenizer.json: protocols read text")
         self.engine = engine
         self.verifier = verifier
+        self.succeeded = succeeded
         self.requests: dict[int, _Request] = {}
         self.owner: dict[int, _Request] = {}  # thread id -> request
         self._ids = itertools.count()
@@ -87,7 +93,8 @@ class ForkJoinEngine:
         options = options or ForkJoinOptions()
         protocol = get_protocol(options.protocol)
         root = self.engine.add_thread(prompt, options.sampling)
-        req = _Request(next(self._ids), options, protocol, root, time.perf_counter())
+        text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
+        req = _Request(next(self._ids), options, protocol, root, text, time.perf_counter())
         self._register(req, root, ThreadNode(root.thread_id, None, 0, -1, 0, "", 0.0))
         self.requests[req.request_id] = req
         return req.request_id
@@ -223,8 +230,8 @@ class ForkJoinEngine:
         text = child.detokenizer.text if child.detokenizer else ""
         if status == "truncated":
             text += req.protocol.closing()
-        succeeded = status != "failed" and req.protocol.succeeded(text)
-        if succeeded and self.verifier is not None and not self.verifier(text):
+        succeeded = status != "failed" and (self.succeeded or req.protocol.succeeded)(text)
+        if succeeded and self.verifier is not None and not self.verifier(req.prompt, text):
             status, succeeded = "rejected", False
         node.status = status
         result = ChildResult(node.index, text, succeeded, status)

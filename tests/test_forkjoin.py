@@ -175,7 +175,7 @@ def test_first_success_cancels_the_rest_and_frees_their_kv(ckpt: Path) -> None:
         "<Path>\n3:": " " + "long " * 40 + "yes</Path>",
     }
     result, _fj, _ = run(
-        ckpt, scripts, verifier=lambda text: "yes" in text, protocol="multiverse", join_policy="first_success"
+        ckpt, scripts, verifier=lambda prompt, text: "yes" in text, protocol="multiverse", join_policy="first_success"
     )
     nodes = result.threads
     assert [n.status for n in nodes[1:]] == ["rejected", "joined", "pruned"]

@@ -1,0 +1,122 @@
+"""Countdown problems: reach a target from 4 numbers with + - * /, each number used once.
+
+As in the APR paper: inputs in 1..99, target in 10..100, every problem solvable (checked
+by an exhaustive solver). Intermediate results must be positive integers (division only
+when exact) and, to keep numbers short for a small model, below `MAX_VALUE`; a problem
+counts as solvable only with such steps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+MAX_VALUE = 1000
+SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    a: int
+    op: str
+    b: int
+    result: int
+
+    def __str__(self) -> str:
+        return f"{self.a}{self.op}{self.b}={self.result}"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    nums: tuple[int, ...]
+    target: int
+
+    def to_json(self) -> str:
+        return json.dumps({"nums": list(self.nums), "target": self.target})
+
+
+def apply(a: int, op: str, b: int) -> int | None:
+    """The result of `a op b`, or None when it is not a positive integer below MAX_VALUE."""
+    if op == "+":
+        r = a + b
+    elif op == "-":
+        r = a - b
+    elif op == "*":
+        r = a * b
+    elif op == "/":
+        r = a // b if b and a % b == 0 else 0
+    else:
+        raise ValueError(f"unknown operator {op!r}")
+    return r if 0 < r < MAX_VALUE else None
+
+
+def moves(nums: tuple[int, ...]) -> list[tuple[Move, tuple[int, ...]]]:
+    """Every legal move from a state: (the move, the numbers left after it), larger operand first."""
+    out = []
+    for i in range(len(nums)):
+        for j in range(i + 1, len(nums)):
+            a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
+            rest = tuple(n for k, n in enumerate(nums) if k not in (i, j))
+            for op in "+-*/":
+                r = apply(a, op, b)
+                if r is not None:
+                    out.append((Move(a, op, b, r), tuple(sorted((*rest, r), reverse=True))))
+    return out
+
+
+@lru_cache(maxsize=500_000)
+def solve(nums: tuple[int, ...], target: int) -> tuple[Move, ...] | None:
+    """A shortest list of moves that leaves exactly `target`, or None. `nums` sorted descending."""
+    if len(nums) == 1:
+        return () if nums[0] == target else None
+    for move, rest in moves(nums):
+        tail = solve(rest, target)
+        if tail is not None:
+            return (move, *tail)
+    return None
+
+
+def generate(count: int, seed: int, exclude: set[Problem] | None = None) -> list[Problem]:
+    """`count` distinct solvable problems, none of them in `exclude`."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    problems: list[Problem] = []
+    while len(problems) < count:
+        nums = tuple(rng.randint(1, 99) for _ in range(4))
+        problem = Problem(nums, rng.randint(10, 100))
+        if problem in seen:
+            continue
+        seen.add(problem)
+        if solve(tuple(sorted(nums, reverse=True)), problem.target) is not None:
+            problems.append(problem)
+    return problems
+
+
+def splits(train: int, validation: int, test: int) -> dict[str, list[Problem]]:
+    """Train / validation / test with their own seeds and no problem in two of them."""
+    out: dict[str, list[Problem]] = {}
+    taken: set[Problem] = set()
+    for name, count in (("test", test), ("validation", validation), ("train", train)):
+        out[name] = generate(count, SPLIT_SEEDS[name], taken)
+        taken.update(out[name])
+    return out
+
+
+def load_jsonl(path: str | Path) -> list[Problem]:
+    """Problems from `{"nums": [4 ints], "target": int}` lines."""
+    problems = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            nums, target = [int(n) for n in row["nums"]], int(row["target"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: expected {{'nums': [4 ints], 'target': int}}: {err}") from err
+        if len(nums) != 4:
+            raise ValueError(f"{path}:{number}: expected 4 numbers, got {len(nums)}")
+        problems.append(Problem(tuple(nums), target))
+    return problems

@@ -1,0 +1,68 @@
+"""Exact checks for Countdown: an answer's arithmetic re-done with every input used once,
+and the join verifier that rejects a child's wrong "found" before it reaches its parent."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from countdown.problems import Problem, apply
+
+EQUATION = re.compile(r"(\d+)([+\-*/])(\d+)=(\d+)")
+TARGET = re.compile(r">(\d+)\s*$")
+
+
+def equations(text: str) -> list[tuple[int, str, int, int]]:
+    return [(int(a), op, int(b), int(r)) for a, op, b, r in EQUATION.findall(text)]
+
+
+def correct(a: int, op: str, b: int, r: int) -> bool:
+    return apply(a, op, b) == r
+
+
+def check_answer(problem: Problem, answer: str) -> bool:
+    """True when `answer` holds 3 equations that, done exactly, use each input once and end at the target."""
+    eqs = equations(answer)
+    if len(eqs) != len(problem.nums) - 1:
+        return False
+    available = list(problem.nums)
+    for a, op, b, r in eqs:
+        for operand in (a, b):
+            if operand not in available:
+                return False
+            available.remove(operand)
+        if not correct(a, op, b, r):
+            return False
+        available.append(r)
+    return available == [problem.target]
+
+
+def conclusion(text: str) -> str:
+    """A thread's own last line (before its closing tag): what it concluded."""
+    lines = [line for line in text.replace("</Thread>", "").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def claims_found(text: str) -> bool:
+    return conclusion(text).endswith("found")
+
+
+def verify_claim(prompt: str, text: str) -> bool:
+    """The join verifier: a child concluding "found" must show a correct chain ending at the
+    target (each equation after the first uses the previous result). Other children pass."""
+    if not claims_found(text):
+        return True
+    target = TARGET.search(prompt.strip().splitlines()[0] if prompt.strip() else "")
+    eqs = equations(conclusion(text))
+    if target is None or not eqs or eqs[-1][3] != int(target.group(1)):
+        return False
+    if not all(correct(*eq) for eq in eqs):
+        return False
+    return all(prev[3] in (eq[0], eq[2]) for prev, eq in itertools.pairwise(eqs))
+
+
+def final_answer(text: str) -> str:
+    """The root's answer: the first line after its last fork block ends (or its last line)."""
+    tail = text.rsplit("</Parallel>", 1)[-1] if "</Parallel>" in text else text.rsplit("}", 1)[-1]
+    lines = [line for line in tail.splitlines() if line.strip()]
+    return lines[0] if lines else ""

@@ -1,0 +1,134 @@
+"""Countdown: problems, solver, traces, checker, verifier, tokenizer, training, and the
+shipped checkpoint solving problems through Braid's engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from countdown import problems, traces
+from countdown.problems import Problem, apply, solve
+from countdown.tokenizer import build, save
+from countdown.verify import check_answer, claims_found, final_answer, verify_claim
+
+SHIPPED = Path(__file__).resolve().parents[1] / "countdown" / "model"
+
+
+def test_generated_problems_are_solvable_in_range_and_splits_disjoint() -> None:
+    parts = problems.splits(300, 50, 50)
+    for problem in (p for part in parts.values() for p in part):
+        assert all(1 <= n <= 99 for n in problem.nums) and 10 <= problem.target <= 100
+        assert solve(tuple(sorted(problem.nums, reverse=True)), problem.target) is not None
+    train, val, test = (set(parts[k]) for k in ("train", "validation", "test"))
+    assert not train & val and not train & test and not val & test
+    assert problems.splits(0, 0, 50)["test"] == parts["test"]  # seeded
+
+
+def test_apply_keeps_positive_exact_small_results() -> None:
+    assert apply(7, "/", 2) is None and apply(8, "/", 2) == 4
+    assert apply(3, "-", 3) is None and apply(40, "*", 30) is None  # 0, and >= 1000
+    assert apply(12, "+", 30) == 42
+
+
+def test_every_parallel_trace_replays_to_a_valid_answer() -> None:
+    for problem in problems.generate(200, seed=11):
+        threads = traces.parallel(problem)
+        root = threads[0]
+        full = "".join(text for text, _ in root.segments)
+        answer = final_answer(full)
+        assert answer == "none" or check_answer(problem, answer), (problem, answer)
+        for child in threads[1:]:
+            text = "".join(t for t, _ in child.segments)
+            assert verify_claim(traces.prompt(problem), text), text
+        # The sequential trace is the same search: the same answer.
+        serial = traces.sequential(problem).segments[0][0]
+        assert final_answer(serial) == answer
+
+
+def test_fanout_varies_with_the_problem_and_respects_the_cap() -> None:
+    widths = {
+        traces.search(tuple(sorted(p.nums, reverse=True)), p.target).outlines.__len__()
+        for p in problems.generate(100, seed=12)
+    }
+    assert len(widths) >= 3
+    capped = traces.search((90, 50, 7, 3), 61, cap=2)
+    assert len(capped.outlines) <= 2
+    assert traces.prompt(Problem((1, 2, 3, 4), 10), threads=2).startswith("T2 ")
+
+
+@pytest.mark.parametrize(
+    ("answer", "ok"),
+    [
+        ("44+8=52,52-12=40,40+3=43", True),
+        ("44+8=52,52-12=40,40+3=44", False),  # wrong arithmetic
+        ("44+8=52,52-12=40,40+40=80", False),  # 40 used twice, 3 unused
+        ("44+8=52,52-12=40", False),  # stops early
+        ("44+9=53,53-12=41,41+2=43", False),  # numbers that are not the inputs
+    ],
+)
+def test_checker_redoes_the_arithmetic(answer: str, ok: bool) -> None:
+    assert check_answer(Problem((44, 8, 12, 3), 43), answer) is ok
+
+
+def test_verifier_rejects_a_wrong_found_and_passes_honest_threads() -> None:
+    prompt = "44 8 12 3>43\n"
+    assert verify_claim(prompt, "52 12 3\n...\n52-12=40,40+3=43 found\n</Thread>")
+    assert not verify_claim(prompt, "52 12 3\n...\n52-12=40,40+3=44 found\n</Thread>")  # wrong sum
+    assert not verify_claim(prompt, "52 12 3\n...\n52-12=41,41+3=44 found\n</Thread>")  # wrong target
+    assert not verify_claim(prompt, "52 12 3\n52-12=40,30+13=43 found\n</Thread>")  # broken chain
+    assert verify_claim(prompt, "40 3\n40+3=44\nnone\n</Thread>") and not claims_found("40 3\nnone\n</Thread>")
+
+
+def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path: Path) -> None:
+    tokenizer = build()
+    text = traces.prompt(Problem((44, 8, 12, 3), 43)) + "<Parallel>\n<Outlines>\n<Outline>44+8=52</Outline>\n"
+    ids = tokenizer.encode(text).ids
+    assert tokenizer.decode(ids) == text and ids.count(tokenizer.token_to_id("<Outline>")) == 1
+    save(tokenizer, tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    assert auto.decode(auto.encode(text, add_special_tokens=False)) == text
+    assert auto.eos_token == "<eos>"
+
+
+def test_a_few_training_steps_lower_the_loss(tmp_path: Path) -> None:
+    from countdown.train import main
+
+    main(["--out", str(tmp_path), "--problems", "60", "--steps", "30", "--size", "tiny",
+          "--batch-tokens", "2048", "--lr", "3e-3", "--save-every", "30"])  # fmt: skip
+    state = json.loads((tmp_path / "training.json").read_text())
+    losses = [loss for _, loss in __import__("torch").load(tmp_path / "train_state.pt", weights_only=False)["losses"]]
+    assert state["steps"] == 30 and losses[-1] < losses[0] - 0.2  # nats, averaged over steps 1-25 vs 26-30
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "tokenizer.json").exists()
+
+
+def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
+    from countdown.train import main
+
+    common = [
+        "--out",
+        str(tmp_path),
+        "--problems",
+        "40",
+        "--size",
+        "tiny",
+        "--batch-tokens",
+        "1024",
+        "--save-every",
+        "5",
+    ]
+    main([*common, "--steps", "10"])
+    main([*common, "--steps", "15", "--resume"])
+    assert json.loads((tmp_path / "training.json").read_text())["steps"] == 15
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped checkpoint")
+def test_shipped_checkpoint_solves_problems_through_the_engine() -> None:
+    from countdown.evaluate import evaluate
+
+    fixed = problems.splits(0, 0, 24)["test"]
+    outcomes = evaluate(SHIPPED, fixed, progress=False)
+    assert sum(o.correct for o in outcomes) >= 2  # measured accuracy is in the README; a floor here
+    assert max(len(o.result.threads) for o in outcomes) > 1  # it really forks
