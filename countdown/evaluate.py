@@ -76,11 +76,12 @@ def evaluate(
     max_threads: int = 64,
     engine: Engine | None = None,
     progress: bool = True,
+    options: ForkJoinOptions | None = None,
 ) -> list[Outcome]:
     """Run every problem through Braid (`concurrency` requests in flight); outcomes in order."""
     engine = engine or Engine(model, kv_cache_bytes=256 * 2**20)
     fj = ForkJoinEngine(engine, verifier=verify_claim if verifier else None, succeeded=claims_found)
-    options = options_for(model_format(model), max_threads)
+    options = options or options_for(model_format(model), max_threads)
     outcomes: dict[int, Outcome] = {}
     pending = list(enumerate(problems))
     in_flight: dict[int, tuple[int, float]] = {}  # request id -> (problem index, start)
