@@ -159,10 +159,15 @@ class CausalLM:
         self.rope_scale = scale
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Over the last dim; in fp32 like transformers, then scaled in the model's dtype."""
-        if x.dtype == torch.float32 and weight.dim() == 1:
-            return F.rms_norm(x, weight.shape, weight, self.args.rms_norm_eps)
-        return F.rms_norm(x.float(), x.shape[-1:], None, self.args.rms_norm_eps).to(x.dtype) * weight
+        """Over the last dim; in fp32 like transformers, then scaled in the model's dtype.
+
+        Computed as a LayerNorm of [x, -x] (mean exactly 0, variance mean(x^2)): LayerNorm
+        is one fused kernel on the CPU, where `F.rms_norm` is about six small ones.
+        """
+        h = x.float()
+        n = h.shape[-1]
+        normed = F.layer_norm(torch.cat((h, -h), dim=-1), (2 * n,), None, None, self.args.rms_norm_eps)[..., :n]
+        return normed.to(x.dtype) * weight
 
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         """(T, 1, D/2) complex rotations for the tokens' positions."""
