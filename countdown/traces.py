@@ -17,12 +17,15 @@ moves do not work. A `T<n> ` prompt prefix caps the root's fan-out at n.
   written inline, in order, until one succeeds; tags become plain characters so Braid
   never forks it.
 
-Example (parallel), prompt `44 8 12 3>52\\n`:
+An outline carries the move and the numbers it leaves (`44+8=52:52 12 3`), and a
+thread's header repeats its outline, so every thread computes only from what is right
+before it. Example (parallel), prompt `44 8 12 3>43\\n`:
 
-    root:       <Parallel>\\n<Outlines>\\n<Outline>44+8=52</Outline>\\n...</Outlines>
-    child:      <Thread>\\n1:52 12 3\\n<Parallel>\\n<Outlines>\\n<Outline>12*3=36</Outline>\\n...
-    grandchild: <Thread>\\n1:52 36\\n52+36=88\\n52-36=16\\n...none\\n</Thread>
-    root, after the join: the chain of moves, e.g. 44+8=52,12*3=36,52-36=16 ... then <eos>
+    root:       <Parallel>\\n<Outlines>\\n<Outline>44+8=52:52 12 3</Outline>\\n...</Outlines>
+    child:      <Thread>\\n1:44+8=52:52 12 3\\n<Parallel>\\n<Outlines>\\n<Outline>52-12=40:40 3</Outline>...
+    grandchild: <Thread>\\n1:52-12=40:40 3\\n40+3=43 found\\n</Thread>
+    child, after its join:  52-12=40,40+3=43 found\\n</Thread>
+    root, after its join:   44+8=52,52-12=40,40+3=43\\n<eos>
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ class ThreadTrace:
 
 @dataclass(slots=True)
 class Node:
-    """One thread of the search: its own text around its fork, its children, what it found."""
+    """One thread of the search: its fork, its children, its conclusion, what it found."""
 
-    head: str  # own text before the fork (a child's state line; empty for the root)
-    outlines: list[Move]
+    moves: list[Move]  # the moves it lists as outlines
+    states: list[tuple[int, ...]]  # the numbers left after each of them
     children: list[Node]
     tail: str  # own text after the join (conclusion), or a leaf's whole text
     found: str | None  # the chain of moves it found
@@ -61,16 +64,26 @@ class Node:
     def winner(self) -> int | None:
         return next((i for i, c in enumerate(self.children) if c.found), None)
 
+    def outline(self, i: int) -> str:
+        """An outline: the move and the numbers it leaves, e.g. `44+8=52:52 12 3`."""
+        return f"{self.moves[i]}:{' '.join(map(str, self.states[i]))}"
+
+    def header(self, i: int) -> str:
+        """Child i's header, as Braid's ThreadWeaver protocol writes it."""
+        return f"<Thread>\n{i + 1}:{self.outline(i)}\n"
+
     def fork_text(self) -> str:
-        outlines = "".join(f"<Outline>{m}</Outline>\n" for m in self.outlines)
-        return f"{self.head}<Parallel>\n<Outlines>\n{outlines}</Outlines>" if self.children else self.head
+        if not self.children:
+            return ""
+        outlines = "".join(f"<Outline>{self.outline(i)}</Outline>\n" for i in range(len(self.moves)))
+        return f"<Parallel>\n<Outlines>\n{outlines}</Outlines>"
 
     def join_text(self) -> str:
         """What Braid's ThreadWeaver join writes under first_success."""
         if not self.children:
             return ""
         joined = [self.winner] if self.winner is not None else range(len(self.children))
-        return "".join(f"\n<Thread>\n{i + 1}:{self.children[i].text()}" for i in joined) + "\n</Parallel>\n"
+        return "".join(f"\n{self.header(i)}{self.children[i].text()}" for i in joined) + "\n</Parallel>\n"
 
     def text(self) -> str:
         return self.fork_text() + self.join_text() + self.tail
@@ -78,10 +91,10 @@ class Node:
     def serial_text(self) -> str:
         """The same thread with its children tried inline, in order, until one succeeds."""
         if not self.children:
-            return self.head + self.tail
+            return self.tail
         tried = []
         for i, child in enumerate(self.children):
-            tried.append(f"\n<Thread>\n{i + 1}:{child.serial_text()}")
+            tried.append(f"\n{self.header(i)}{child.serial_text()}")
             if child.found:
                 break
         return self.fork_text() + "".join(tried) + "\n</Parallel>\n" + self.tail
@@ -104,16 +117,15 @@ def fanout(options: list[tuple[Move, tuple[int, ...]]], target: int, bounds: tup
 
 def search(state: tuple[int, ...], target: int, cap: int | None = None) -> Node:
     """The search tree below `state` (numbers sorted descending)."""
-    line = " ".join(map(str, state)) + "\n"
     if len(state) == 2:
-        return _leaf(state, target, line)
+        return _leaf(state, target)
     options = ranked(state, target)
     k = fanout(options, target, ROOT_FANOUT if len(state) == 4 else CHILD_FANOUT)
     chosen = options[: min(k, cap) if cap else k]
     children = [search(rest, target) for _, rest in chosen]
-    node = Node(line if len(state) == 3 else "", [m for m, _ in chosen], children, "", None)
+    node = Node([m for m, _ in chosen], [rest for _, rest in chosen], children, "", None)
     if node.winner is not None:
-        node.found = f"{node.outlines[node.winner]},{children[node.winner].found}"
+        node.found = f"{node.moves[node.winner]},{children[node.winner].found}"
     if len(state) == 4:
         node.tail = f"{node.found}\n" if node.found else "none\n"
     else:
@@ -121,9 +133,9 @@ def search(state: tuple[int, ...], target: int, cap: int | None = None) -> Node:
     return node
 
 
-def _leaf(state: tuple[int, ...], target: int, line: str) -> Node:
+def _leaf(state: tuple[int, ...], target: int) -> Node:
     a, b = state
-    lines, found = [line], None
+    lines, found = [], None
     for op in "+-*/":
         r = apply(a, op, b)
         if r is None:
@@ -134,7 +146,7 @@ def _leaf(state: tuple[int, ...], target: int, line: str) -> Node:
             found = eq
             break
     lines.append("" if found else "none\n")
-    return Node(line, [], [], "".join(lines[1:]) + "</Thread>", found)
+    return Node([], [], [], "".join(lines) + "</Thread>", found)
 
 
 def parallel(problem: Problem, threads: int | None = None) -> list[ThreadTrace]:
@@ -146,13 +158,13 @@ def parallel(problem: Problem, threads: int | None = None) -> list[ThreadTrace]:
 
 
 def _collect(node: Node, context: str, out: list[ThreadTrace], is_root: bool = False) -> None:
-    if not node.children:  # a leaf: its state line and tries, all its own
-        out.append(ThreadTrace(context, [(node.head + node.tail, True)]))
+    if not node.children:  # a leaf: its tries, all its own
+        out.append(ThreadTrace(context, [(node.tail, True)]))
         return
     fork = node.fork_text()
     out.append(ThreadTrace(context, [(fork, True), (node.join_text(), False), (node.tail, True)], is_root))
     for i, child in enumerate(node.children):
-        _collect(child, context + fork + f"<Thread>\n{i + 1}:", out)
+        _collect(child, context + fork + node.header(i), out)
 
 
 def sequential(problem: Problem, threads: int | None = None) -> ThreadTrace:

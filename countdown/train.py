@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (a new schedule)")
     parser.add_argument("--save-every", type=int, default=250)
     args = parser.parse_args(argv)
 
@@ -158,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
 
     config = model_config(tokenizer.get_vocab_size(), eos, pad, args.size)
     model = LlamaForCausalLM(config).to(device)
+    if args.init_from:
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(args.init_from).state_dict())
+        print(f"initialised from {args.init_from}")
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     state_file = args.out / "train_state.pt"

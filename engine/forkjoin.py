@@ -234,7 +234,7 @@ class ForkJoinEngine:
         if succeeded and self.verifier is not None and not self.verifier(req.prompt, text):
             status, succeeded = "rejected", False
         node.status = status
-        result = ChildResult(node.index, text, succeeded, status)
+        result = ChildResult(node.index, node.spawn, text, succeeded, status)
         fork.results[node.index] = result
         if fork.kept is not None:  # the join is decided already (first_success)
             return

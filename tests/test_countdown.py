@@ -50,12 +50,11 @@ def test_every_parallel_trace_replays_to_a_valid_answer() -> None:
 
 def test_fanout_varies_with_the_problem_and_respects_the_cap() -> None:
     widths = {
-        traces.search(tuple(sorted(p.nums, reverse=True)), p.target).outlines.__len__()
-        for p in problems.generate(100, seed=12)
+        len(traces.search(tuple(sorted(p.nums, reverse=True)), p.target).moves) for p in problems.generate(100, seed=12)
     }
     assert len(widths) >= 3
     capped = traces.search((90, 50, 7, 3), 61, cap=2)
-    assert len(capped.outlines) <= 2
+    assert len(capped.moves) <= 2
     assert traces.prompt(Problem((1, 2, 3, 4), 10), threads=2).startswith("T2 ")
 
 
@@ -75,16 +74,16 @@ def test_checker_redoes_the_arithmetic(answer: str, ok: bool) -> None:
 
 def test_verifier_rejects_a_wrong_found_and_passes_honest_threads() -> None:
     prompt = "44 8 12 3>43\n"
-    assert verify_claim(prompt, "52 12 3\n...\n52-12=40,40+3=43 found\n</Thread>")
-    assert not verify_claim(prompt, "52 12 3\n...\n52-12=40,40+3=44 found\n</Thread>")  # wrong sum
-    assert not verify_claim(prompt, "52 12 3\n...\n52-12=41,41+3=44 found\n</Thread>")  # wrong target
-    assert not verify_claim(prompt, "52 12 3\n52-12=40,30+13=43 found\n</Thread>")  # broken chain
-    assert verify_claim(prompt, "40 3\n40+3=44\nnone\n</Thread>") and not claims_found("40 3\nnone\n</Thread>")
+    assert verify_claim(prompt, "...\n52-12=40,40+3=43 found\n</Thread>")
+    assert not verify_claim(prompt, "...\n52-12=40,40+3=44 found\n</Thread>")  # wrong sum
+    assert not verify_claim(prompt, "...\n52-12=41,41+3=44 found\n</Thread>")  # wrong target
+    assert not verify_claim(prompt, "52-12=40,30+13=43 found\n</Thread>")  # broken chain
+    assert verify_claim(prompt, "40+3=44\nnone\n</Thread>") and not claims_found("40+3=44\nnone\n</Thread>")
 
 
 def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path: Path) -> None:
     tokenizer = build()
-    text = traces.prompt(Problem((44, 8, 12, 3), 43)) + "<Parallel>\n<Outlines>\n<Outline>44+8=52</Outline>\n"
+    text = traces.prompt(Problem((44, 8, 12, 3), 43)) + "<Parallel>\n<Outlines>\n<Outline>44+8=52:52 12 3</Outline>\n"
     ids = tokenizer.encode(text).ids
     assert tokenizer.decode(ids) == text and ids.count(tokenizer.token_to_id("<Outline>")) == 1
     save(tokenizer, tmp_path)

@@ -106,9 +106,10 @@ TW_ROOT = "<Parallel><Outlines><Outline>1: a</Outline><Outline>2: b</Outline></O
 
 
 def test_threadweaver_appends_threads_and_parent_kv_equals_fresh_prefill(ckpt: Path) -> None:
-    scripts = {"Q:": TW_ROOT + "answer", "<Thread>\n1:": " one</Thread>", "<Thread>\n2:": " two two</Thread>"}
+    scripts = {"Q:": TW_ROOT + "answer", "<Thread>\n1:1: a\n": "one</Thread>", "<Thread>\n2:2: b\n": "two two</Thread>"}
     result, fj, forced = run(ckpt, scripts, protocol="threadweaver")
-    joined = "\n<Thread>\n1: one</Thread>\n<Thread>\n2: two two</Thread>\n</Parallel>\n"
+    # Each thread's header repeats its outline.
+    joined = "\n<Thread>\n1:1: a\none</Thread>\n<Thread>\n2:2: b\ntwo two</Thread>\n</Parallel>\n"
     assert result.text == TW_ROOT + joined + "answer"
     tok = fj.engine.tokenizer
     context = tok.encode("Q:" + TW_ROOT + joined).ids
@@ -188,13 +189,13 @@ def test_first_success_cancels_the_rest_and_frees_their_kv(ckpt: Path) -> None:
 def test_vote_joins_the_majority(ckpt: Path) -> None:
     scripts = {
         "Q:": "<Parallel><Outlines><Outline>a</Outline><Outline>b</Outline><Outline>c</Outline></Outlines>end",
-        "<Thread>\n1:": " so A</Thread>",
-        "<Thread>\n2:": " so B</Thread>",
-        "<Thread>\n3:": " so A</Thread>",
+        "<Thread>\n1:a\n": "so A</Thread>",
+        "<Thread>\n2:b\n": "so B</Thread>",
+        "<Thread>\n3:c\n": "so A</Thread>",
     }
     result, _, _ = run(ckpt, scripts, protocol="threadweaver", join_policy="vote")
     assert [n.status for n in result.threads[1:]] == ["joined", "pruned", "joined"]
-    assert "<Thread>\n1: so A</Thread>\n<Thread>\n3: so A</Thread>\n</Parallel>" in result.text
+    assert "<Thread>\n1:a\nso A</Thread>\n<Thread>\n3:c\nso A</Thread>\n</Parallel>" in result.text
 
 
 def test_max_threads_makes_children_wait_for_a_slot(ckpt: Path) -> None:

@@ -97,6 +97,7 @@ class Parser(ABC):
 @dataclass(slots=True, frozen=True)
 class ChildResult:
     index: int  # the child's place in its fork, from 0
+    spawn: str  # the outline or spawn line it was started for
     text: str  # what the child generated
     succeeded: bool  # by the protocol's own marker or the verifier
     status: str  # "done", "truncated", "rejected"
