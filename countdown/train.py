@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                 "problems": args.problems,
                 "device": device,
                 "final_loss": losses[-1][1] if losses else None,
+                "init_from": str(args.init_from) if args.init_from else None,
             }
             (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     progress.close()

@@ -258,15 +258,8 @@ class ForkJoinEngine:
         kept = fork.kept or []
         kept_ids = {r.index for r in kept}
         for index, child in enumerate(fork.children):
-            if child is None or index in kept_ids:
-                continue
-            if child.state in LIVE or child.state is ThreadState.PAUSED:
-                self.engine.cancel(child)
-            self.engine.release(child)
-            node = req.nodes[child.thread_id]
-            if node.status not in ("rejected", "failed"):
-                node.status = "pruned"
-            node.end_s = node.end_s or req.now()
+            if child is not None and index not in kept_ids:
+                self._prune(req, child)
         if fork.queue:
             req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: {len(fork.queue)} never started")
             fork.queue.clear()
@@ -289,6 +282,21 @@ class ForkJoinEngine:
         join = self.engine.encode(req.protocol.join_text(sorted(kept, key=lambda r: r.index), depth))
         self.engine.resume(fork.parent, join)
         req.forks.remove(fork)
+
+    def _prune(self, req: _Request, thread: Thread) -> None:
+        """Cancel a thread not joined, free its KV, and prune every fork still open below it."""
+        if thread.state in LIVE or thread.state is ThreadState.PAUSED:
+            self.engine.cancel(thread)
+        self.engine.release(thread)
+        node = req.nodes[thread.thread_id]
+        if node.status not in ("rejected", "failed"):
+            node.status = "pruned"
+        node.end_s = node.end_s or req.now()
+        for fork in [f for f in req.forks if f.parent is thread]:
+            req.forks.remove(fork)
+            for child in fork.children:
+                if child is not None:
+                    self._prune(req, child)
 
     # ---- the request's end -----------------------------------------------------------
 

@@ -186,6 +186,19 @@ def test_first_success_cancels_the_rest_and_frees_their_kv(ckpt: Path) -> None:
     )
 
 
+def test_pruning_a_child_also_prunes_its_own_open_fork(ckpt: Path) -> None:
+    scripts = {
+        "Q:": "<Goal><Outline>a</Outline><Outline>b</Outline></Goal>end",
+        "</Goal><Path>\n1:": " " + "q" * 40 + "</Path>",  # succeeds after its sibling has forked
+        "</Goal><Path>\n2:": " <Goal><Outline>deep</Outline></Goal>never reached</Path>",
+        "deep</Outline></Goal><Path>\n1:": " " + "slow " * 60 + "</Path>",
+    }
+    result, _, _ = run(ckpt, scripts, protocol="multiverse", join_policy="first_success", max_depth=2)
+    assert [n.status for n in result.threads if n.depth == 1] == ["joined", "pruned"]
+    assert [n.status for n in result.threads if n.depth == 2] == ["pruned"]  # went with its parent
+    assert result.text.endswith("<Path>\n1: " + "q" * 40 + "</Path><Conclusion>end")
+
+
 def test_vote_joins_the_majority(ckpt: Path) -> None:
     scripts = {
         "Q:": "<Parallel><Outlines><Outline>a</Outline><Outline>b</Outline><Outline>c</Outline></Outlines>end",
