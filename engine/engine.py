@@ -133,10 +133,7 @@ class Engine:
         if needed > self.cache.num_available_blocks:
             raise OutOfBlocks(needed, self.cache.num_available_blocks)
         for thread, extra in zip(threads, extras, strict=True):
-            thread.token_ids.extend(extra)
-            thread.output_ids.extend(extra)
-            if thread.detokenizer is not None:
-                thread.detokenizer.add(list(extra))
+            thread.insert(extra)
             self.cache.append(thread.seq, thread.pending)
         chunks = [Chunk(t.seq, len(t.seq) - t.seq.num_computed) for t in threads if t.seq.num_computed < len(t.seq)]
         if chunks:
@@ -147,15 +144,12 @@ class Engine:
         by concatenating block lists (no K/V recomputed); the children's KV is released.
         All of them must be settled."""
         merged = self.cache.merge(parent.seq, [c.seq for c in children])
+        prefix = len(parent.token_ids)
         for child in children:
-            own = child.token_ids[len(parent.token_ids) :]
-            parent.output_ids.extend(own)
-            if parent.detokenizer is not None:
-                parent.detokenizer.add(own)
+            parent.insert(child.token_ids[prefix:])  # the parent's context now matches `merged`
             self.release(child)
         self.cache.free(parent.seq)
         parent.seq = merged
-        parent.token_ids = list(merged.token_ids)
 
     def release(self, thread: Thread) -> None:
         """Free the KV a finished thread kept (`keep_kv`)."""
@@ -164,8 +158,6 @@ class Engine:
     def resume(self, thread: Thread, extra_token_ids: list[int] = ()) -> None:
         """Continue a paused thread after prefilling `extra_token_ids` (e.g. a join's text)."""
         self.scheduler.resume(thread, list(extra_token_ids))
-        if thread.detokenizer is not None:
-            thread.detokenizer.add(list(extra_token_ids))
 
     def cancel(self, thread: Thread) -> None:
         """End the thread now and free its KV."""

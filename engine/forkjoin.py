@@ -276,7 +276,8 @@ class ForkJoinEngine:
         for r in kept:
             node = req.nodes[fork.children[r.index].thread_id]
             if joinable(r):
-                node.notes += ["truncated"] if r.status == "truncated" else []
+                if r.status == "truncated":
+                    node.notes.append("truncated")
                 node.status = "joined"
         depth = req.nodes[fork.parent.thread_id].depth
         join = self.engine.encode(req.protocol.join_text(sorted(kept, key=lambda r: r.index), depth))

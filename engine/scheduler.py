@@ -49,6 +49,13 @@ class Thread:
     output_ids: list[int] = field(default_factory=list)  # generated and inserted tokens
     keep_kv: bool = False  # on finish keep the sequence (a join will merge it); Engine.release frees it
 
+    def insert(self, token_ids: list[int]) -> None:
+        """Add tokens the thread did not sample (a join's text, a child's path) to its context."""
+        self.token_ids.extend(token_ids)
+        self.output_ids.extend(token_ids)
+        if self.detokenizer is not None:
+            self.detokenizer.add(list(token_ids))
+
     @property
     def pending(self) -> list[int]:
         """Tokens the thread holds that its sequence has no slot for yet."""
@@ -96,8 +103,7 @@ class Scheduler:
         if thread.state is not ThreadState.PAUSED:
             raise ValueError(f"thread {thread.thread_id} is {thread.state.value}, not paused")
         del self.paused[thread.thread_id]
-        thread.token_ids.extend(extra_token_ids)
-        thread.output_ids.extend(extra_token_ids)
+        thread.insert(extra_token_ids)
         self.add(thread)
 
     def finish(self, thread: Thread, reason: str) -> None:
