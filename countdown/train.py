@@ -3,10 +3,14 @@
     python -m countdown.train --out countdown/model            # the parallel model
     python -m countdown.train --format sequential --out ...    # the sequential baseline
 
-Each thread of a parallel trace is one training sequence, with the context it sees when
-Braid runs it; the loss covers only the tokens the thread generates itself. Seeded and
-resumable (`--resume` continues from `OUT/train_state.pt`), with a progress bar, and a
-loss curve saved to `OUT/loss.png`. Runs on CUDA when present, else on the CPU.
+A parallel trace is a tree of threads; training packs the whole tree into one sequence
+with a tree attention mask and per-thread position ids, so every thread sees exactly the
+context it sees when Braid runs it while a shared context is computed once (a thread's
+view: its chain of parent segments). The loss covers only the tokens the model
+generates itself. Seeded and resumable (`--resume` continues from
+`OUT/train_state.pt`), with a progress bar, a loss curve saved to `OUT/loss.png`, and
+an optional wall-clock budget (`--minutes`) that the learning-rate schedule follows.
+Runs on CUDA when present, else on the CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,10 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from countdown import problems, traces
 from countdown.tokenizer import EOS, PAD, build, save
 
-# Longer sequences are skipped: for parallel traces, rare root contexts after an all-failed
-# fork; sequential traces are one long thread each.
-MAX_LEN = {"parallel": 512, "sequential": 1536}
-LEAVES_PER_PROBLEM = 3  # leaves (2-number threads) are most threads: keep the found ones and a few others
+MAX_LEN = 2048  # longer packed searches (rare: every child failed and all are joined) are skipped
 
 
 def model_config(vocab: int, eos: int, pad: int, size: str = "small") -> LlamaConfig:
@@ -49,67 +51,89 @@ def model_config(vocab: int, eos: int, pad: int, size: str = "small") -> LlamaCo
     )
 
 
-def encode(tokenizer, trace: traces.ThreadTrace, eos: int) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask): 1 on the tokens the thread generates itself."""
-    ids = tokenizer.encode(trace.context).ids
-    mask = [0] * len(ids)
-    for text, generated in trace.segments:
-        part = tokenizer.encode(text).ids
+@dataclass(slots=True, frozen=True)
+class Example:
+    """One packed search: tokens, what is trained on, and the tree the mask is built from."""
+
+    ids: list[int]
+    loss: list[int]  # 1 on tokens the model generates
+    segment: list[int]  # segment index of each token
+    parents: list[int]  # parent segment index of each segment (-1: none)
+
+
+def encode(tokenizer, segments: list[traces.Segment], eos: int) -> Example:
+    """Tokens of every segment in order; the root's answer (the last segment) ends with EOS."""
+    ids: list[int] = []
+    loss: list[int] = []
+    segment: list[int] = []
+    for index, seg in enumerate(segments):
+        part = tokenizer.encode(seg.text).ids + ([eos] if index == len(segments) - 1 else [])
         ids += part
-        mask += [int(generated)] * len(part)
-    if trace.ends_with_eos:
-        ids.append(eos)
-        mask.append(1)
-    return ids, mask
+        loss += [int(seg.generated)] * len(part)
+        segment += [index] * len(part)
+    return Example(ids, loss, segment, [-1 if s.parent is None else s.parent for s in segments])
 
 
-def examples(fmt: str, count: int, seed: int, tokenizer, eos: int) -> list[tuple[list[int], list[int]]]:
+def tree_mask(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention mask [L, L] bool, position ids [L]) of a packed search.
+
+    Token i sees token j when j's segment is on i's chain of parent segments (or is i's
+    own segment and j <= i): exactly what the thread sees when Braid runs it. A token's
+    position is its index in that thread's view."""
+    count = len(example.parents)
+    sees = torch.eye(count, dtype=torch.bool)  # [segments, segments]: row sees column
+    for index, parent in enumerate(example.parents):
+        if parent >= 0:
+            sees[index] |= sees[parent]
+    segment = torch.tensor(example.segment)
+    mask = sees[segment][:, segment] & torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    return mask, mask.sum(dim=1) - 1
+
+
+def examples(fmt: str, count: int, seed: int, tokenizer, eos: int) -> list[Example]:
     rng = random.Random(seed)
+    make = traces.sequential if fmt == "sequential" else traces.parallel
     out = []
     for problem in problems.splits(count, 0, 0)["train"]:
-        threads = traces.sample_threads(rng)
-        if fmt == "sequential":
-            chosen = [traces.sequential(problem, threads)]
-        else:
-            all_threads = traces.parallel(problem, threads)
-            leaves = [t for t in all_threads if not any(g for _, g in t.segments[1:])]
-            inner = [t for t in all_threads if t not in leaves]
-            found = [t for t in leaves if "found" in t.segments[0][0]]
-            others = [t for t in leaves if t not in found]
-            rng.shuffle(others)
-            chosen = inner + found + others[: max(0, LEAVES_PER_PROBLEM - len(found))]
-        for trace in chosen:
-            ids, mask = encode(tokenizer, trace, eos)
-            if len(ids) <= MAX_LEN[fmt]:
-                out.append((ids, mask))
+        example = encode(tokenizer, make(problem, traces.sample_threads(rng)), eos)
+        if len(example.ids) <= MAX_LEN:
+            out.append(example)
     return out
 
 
 def batches(data: list, batch_tokens: int, rng: random.Random):
     """Length-bucketed batches of about `batch_tokens` (padded) tokens, forever."""
     while True:
-        order = sorted(range(len(data)), key=lambda i: (len(data[i][0]), rng.random()))
+        order = sorted(range(len(data)), key=lambda i: (len(data[i].ids), rng.random()))
         groups, group, width = [], [], 0
         for i in order:
-            width = max(width, len(data[i][0]))
+            width = max(width, len(data[i].ids))
             if group and width * (len(group) + 1) > batch_tokens:
                 groups.append(group)
-                group, width = [], len(data[i][0])
+                group, width = [], len(data[i].ids)
             group.append(i)
         groups.append(group)
         rng.shuffle(groups)
         yield from groups
 
 
-def collate(data: list, group: list[int], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(data[i][0]) for i in group)
+def collate(data: list[Example], group: list[int], pad: int, device: str) -> dict[str, torch.Tensor]:
+    """Model inputs for a batch: ids, labels, tree masks [B, 1, L, L] and position ids, padded."""
+    width = max(len(data[i].ids) for i in group)
     ids = torch.full((len(group), width), pad, dtype=torch.long)
     labels = torch.full((len(group), width), -100, dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(group), 1, 1, 1)  # padding sees itself only
+    positions = torch.zeros((len(group), width), dtype=torch.long)
     for row, i in enumerate(group):
-        tokens, mask = data[i]
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        labels[row, : len(tokens)] = torch.tensor([t if m else -100 for t, m in zip(tokens, mask, strict=True)])
-    return ids.to(device), labels.to(device)
+        example = data[i]
+        n = len(example.ids)
+        ids[row, :n] = torch.tensor(example.ids)
+        labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(example.ids, example.loss, strict=True)])
+        mask[row, 0, :n, :n], positions[row, :n] = tree_mask(example)
+    # The model's loss predicts token t+1 from token t. That is right for every trained
+    # token: a generated segment always comes right after its parent segment (traces.parallel).
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device)}  # fmt: skip
 
 
 def plot(losses: list[tuple[int, float]], path: Path, title: str) -> None:
@@ -133,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=["parallel", "sequential"], default="parallel")
     parser.add_argument("--problems", type=int, default=20_000, help="training problems")
     parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--minutes", type=float, default=0, help="stop after this much training time (0: no limit)")
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--size", choices=["tiny", "small"], default="small")
@@ -154,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     data = examples(args.format, args.problems, args.seed, tokenizer, eos)
-    tokens = sum(len(ids) for ids, _ in data)
+    tokens = sum(len(example.ids) for example in data)
     print(f"{len(data)} sequences, {tokens} tokens from {args.problems} problems ({time.time() - started:.0f}s)")
 
     config = model_config(tokenizer.get_vocab_size(), eos, pad, args.size)
@@ -178,34 +203,41 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(step):  # the same batches as an uninterrupted run
         next(batch_iter)
 
-    def lr_at(s: int) -> float:
-        warmup = max(1, args.steps // 20)
-        if s < warmup:
-            return args.lr * (s + 1) / warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup)))
+    budget = args.minutes * 60
+
+    def progress_at(s: int, seconds: float) -> float:
+        """How far through training: by steps, or by the time budget when that comes first."""
+        return max(s / args.steps, seconds / budget if budget else 0.0)
+
+    def lr_at(done: float) -> float:
+        warmup = 0.05
+        if done < warmup:
+            return args.lr * (done + 1 / args.steps) / warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (done - warmup) / (1 - warmup))))
 
     model.train()
     progress = tqdm(total=args.steps, initial=step, desc=f"train {args.format} ({params / 1e6:.1f}M params)")
     window: list[float] = []
     run_start = time.time()
-    while step < args.steps:
-        ids, labels = collate(data, next(batch_iter), pad, device)
+    while progress_at(step, elapsed + time.time() - run_start) < 1:
+        batch = collate(data, next(batch_iter), pad, device)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        loss = model(input_ids=ids, labels=labels).loss
+            group["lr"] = lr_at(progress_at(step, elapsed + time.time() - run_start))
+        loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
-        seen_tokens += ids.numel()
+        seen_tokens += batch["input_ids"].numel()
         window.append(loss.item())
-        if step % 25 == 0 or step == args.steps:
+        finished = progress_at(step, elapsed + time.time() - run_start) >= 1
+        if step % 25 == 0 or finished:
             losses.append((step, sum(window) / len(window)))
             window = []
             progress.set_postfix(loss=f"{losses[-1][1]:.3f}")
         progress.update(1)
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or finished:
             now = elapsed + time.time() - run_start
             torch.save(
                 {

@@ -35,17 +35,73 @@ def test_apply_keeps_positive_exact_small_results() -> None:
 
 def test_every_parallel_trace_replays_to_a_valid_answer() -> None:
     for problem in problems.generate(200, seed=11):
-        threads = traces.parallel(problem)
-        root = threads[0]
-        full = "".join(text for text, _ in root.segments)
-        answer = final_answer(full)
+        segments = traces.parallel(problem)
+        answer = final_answer(traces.thread_text(segments, 0))
         assert answer == "none" or check_answer(problem, answer), (problem, answer)
-        for child in threads[1:]:
-            text = "".join(t for t, _ in child.segments)
+        for thread in range(1, max(s.thread for s in segments) + 1):
+            text = traces.thread_text(segments, thread)
             assert verify_claim(traces.prompt(problem), text), text
         # The sequential trace is the same search: the same answer.
-        serial = traces.sequential(problem).segments[0][0]
-        assert final_answer(serial) == answer
+        assert final_answer(traces.sequential(problem)[-1].text) == answer
+
+
+def test_packed_search_shows_each_thread_exactly_its_context() -> None:
+    """The tree mask gives each thread the view Braid gives it: the prompt, each ancestor's
+    fork and the thread's header; positions count along that view; and every trained token
+    follows its predecessor in the view (so the model's next-token shift is right)."""
+    from countdown.train import encode, tree_mask
+
+    tokenizer = build()
+    problem = Problem((44, 8, 12, 3), 43)
+    segments = traces.parallel(problem)
+    example = encode(tokenizer, segments, eos=tokenizer.token_to_id("<eos>"))
+    mask, positions = tree_mask(example)
+    for index, seg in enumerate(segments):
+        if seg.generated:
+            assert seg.parent == index - 1
+    # A grandchild (a leaf): prompt, root fork, its parent's header and fork, its header, its tries.
+    leaf = next(i for i, s in enumerate(segments) if s.generated and s.text.endswith("</Thread>") and i > 4)
+    chain, at = [], leaf
+    while at is not None:
+        chain.insert(0, segments[at].text)
+        at = segments[at].parent
+    assert chain[0] == traces.prompt(problem) and chain[1].startswith("<Parallel>") and len(chain) == 6
+    last = max(i for i, s in enumerate(example.segment) if s == leaf)
+    seen = [example.ids[j] for j in range(len(example.ids)) if mask[last, j]]
+    assert tokenizer.decode(seen) == "".join(chain)
+    assert positions[last] == len(seen) - 1
+    assert traces.prompt(problem).startswith("44 12 8 3>43")
+
+
+def test_packed_logits_equal_each_thread_run_alone() -> None:
+    """The packed batch computes, for every trained token, the logits the model gives that
+    token with its thread's view as a plain sequence."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from countdown.train import collate, encode, model_config
+
+    tokenizer = build()
+    eos, pad = tokenizer.token_to_id("<eos>"), tokenizer.token_to_id("<pad>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(tokenizer.get_vocab_size(), eos, pad, "tiny")).eval()
+    segments = traces.parallel(Problem((44, 8, 12, 3), 43))
+    example = encode(tokenizer, segments, eos)
+    short = encode(tokenizer, traces.parallel(Problem((10, 5, 2, 1), 17)), eos)  # padded in the batch
+    batch = collate([example, short], [0, 1], pad, "cpu")
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        for index, seg in enumerate(segments):
+            if not seg.generated:
+                continue
+            chain, at = [], index
+            while at is not None:
+                chain.insert(0, segments[at].text)
+                at = segments[at].parent
+            alone = model(input_ids=torch.tensor([tokenizer.encode("".join(chain)).ids])).logits[0]
+            tokens = [i for i, s in enumerate(example.segment) if s == index]
+            n = len(tokenizer.encode(seg.text).ids)
+            torch.testing.assert_close(packed[tokens[:n]], alone[-n:], atol=1e-4, rtol=1e-4)
 
 
 def test_fanout_varies_with_the_problem_and_respects_the_cap() -> None:
