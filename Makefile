@@ -16,24 +16,31 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-.PHONY: install test lint serve bench
+# Debian packages the tests use: a real Prometheus server (and promtool) for the metrics tests.
+APT_PACKAGES := prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install test lint serve bench system-packages
 install: $(VENV)/.installed
+
+system-packages:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES))
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: install lint
+test: install system-packages lint
 	$(BIN)/python -m pytest -q
 
-# The Serve app on the embedded model lands with the serving milestone; until then this
-# says so instead of pretending.
+# Braid over HTTP (OpenAI API) on the embedded Countdown model: a local Ray cluster, one
+# replica, http://127.0.0.1:8000/v1; Ctrl-C stops it. Options: make serve ARGS="--replicas 2".
 serve: install
-	@echo "make serve: not available yet - Braid's HTTP service arrives with the serving milestone."
-	@echo "What runs today: make test, make bench (KV cache memory)."
-	@exit 1
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m cluster.serve $(ARGS)
 
 bench: install
 	$(BIN)/python -m bench.kv_memory
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.forkjoin
+	$(BIN)/python -m bench.cluster

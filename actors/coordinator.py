@@ -1,71 +1,152 @@
-"""The coordinator: places each request on a replica by load, with prefix affinity.
+"""The coordinator: places each request on a replica, and keeps the replicas connected.
 
-`Placement` is the plain decision (tested without Ray); `Coordinator` is the named Ray
-actor the Serve app and batch jobs find with `get_coordinator()`. A request goes to the
-replica with the fewest requests in flight; when loads are within `affinity_margin`, to
-the replica its prompt's prefix was last sent to, whose prefix index likely holds it.
+`Coordinator` is the named Ray actor the Serve app and batch jobs find with
+`get_coordinator()`; its decisions are `actors.placement.Placement`'s. Forked children
+are placed by the replica that forks them (`ChildPlacement`), from its peers' loads.
 
-What this does not do yet: place the children of one fork on different replicas (they
-run on their parent's replica, batched there) — see the README's status.
+Failure: when a request's replica dies mid-request, the request runs again, from its
+prompt, on another replica (once per replica at most) while less than `retry_within_s`
+has passed since it started; else it fails with `ReplicaFailed`, naming the replica. Ray
+restarts a dead replica (`max_restarts`); once it answers again the coordinator forms the
+process group anew, so it takes forked children (and their KV) again.
 """
 
 from __future__ import annotations
 
-import zlib
+import asyncio
+import socket
+import time
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
+
+from actors.placement import Placement
 
 COORDINATOR_NAME = "braid-coordinator"
 NAMESPACE = "braid"
-AFFINITY_CHARS = 64  # the prompt prefix that decides affinity
 
 
-class Placement:
-    def __init__(self, num_replicas: int, affinity_margin: int = 1) -> None:
-        if num_replicas < 1:
-            raise ValueError("need at least one replica")
-        self.in_flight = [0] * num_replicas
-        self.affinity_margin = affinity_margin
-        self.last_for_prefix: dict[int, int] = {}
-
-    def choose(self, prompt: str) -> int:
-        key = zlib.crc32(prompt[:AFFINITY_CHARS].encode())
-        least = min(range(len(self.in_flight)), key=lambda i: (self.in_flight[i], i))
-        sticky = self.last_for_prefix.get(key)
-        if sticky is not None and self.in_flight[sticky] <= self.in_flight[least] + self.affinity_margin:
-            least = sticky
-        self.last_for_prefix[key] = least
-        return least
-
-    def started(self, replica: int) -> None:
-        self.in_flight[replica] += 1
-
-    def finished(self, replica: int) -> None:
-        self.in_flight[replica] -= 1
+class ReplicaFailed(RuntimeError):
+    """Every replica a request was tried on failed, or its deadline passed while retrying."""
 
 
-@ray.remote
+class Refused(RuntimeError):
+    """Not admitted: `status` is the HTTP status to answer (429 busy, 503 budget impossible)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+MIN_TOKENS = 8  # a budget must allow at least this many steps on the least loaded replica
+
+
+def free_address(host: str) -> str:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+@ray.remote(num_cpus=0)  # it only waits on replicas: it takes no core from them
 class Coordinator:
     """Async actor: many requests in flight, each awaiting its replica."""
 
-    def __init__(self, replicas: list[Any], affinity_margin: int = 1) -> None:
+    def __init__(
+        self, replicas: list[Any], affinity_margin: int = 1, kv_transfer: bool = True, retry_within_s: float = 60.0,
+        max_requests: int = 256,
+    ) -> None:  # fmt: skip
+        """`max_requests`: requests in flight across the cluster before new ones are refused (429)."""
         self.replicas = replicas
+        self.max_requests = max_requests
         self.placement = Placement(len(replicas), affinity_margin)
+        self.kv_transfer = kv_transfer
+        self.retry_within_s = retry_within_s
+        self.failures = 0  # replica failures seen by requests
+        self._reconnecting: asyncio.Task | None = None
 
-    async def generate(self, prompt: str, options: dict[str, Any] | None = None) -> dict:
+    async def connect(self) -> None:
+        """Give every replica its peers and (with `kv_transfer`) a new process group for KV."""
+        transfer = self.kv_transfer and len(self.replicas) > 1
+        init = free_address(ray.util.get_node_ip_address()) if transfer else None
+        await asyncio.gather(*[r.connect.remote(self.replicas, init) for r in self.replicas])
+
+    async def admit(self, options: dict[str, Any] | None) -> None:
+        """Refuse fast what cannot be served: a full cluster (429), or a latency budget shorter
+        than MIN_TOKENS steps at the least loaded replica's recent step time (503)."""
+        if sum(self.placement.in_flight) >= self.max_requests:
+            raise Refused(429, f"busy: {self.max_requests} requests in flight; retry later")
+        budget = (options or {}).get("max_latency_s")
+        if budget is None:
+            return
+        loads = await self.loads()
+        floor = MIN_TOKENS * min(max(load["step_ms"], 1.0) for load in loads) / 1000
+        if budget < floor:
+            raise Refused(503, f"max_latency_s={budget} cannot be met: {MIN_TOKENS} steps take ~{floor:.3f} s now")
+
+    async def stream(self, prompt: str, options: dict[str, Any] | None = None):
+        """The request's events as they happen (see `Replica.generate_stream`); no retry once
+        streaming has begun: a failed replica ends the stream with an error event."""
+        await self.admit(options)
         index = self.placement.choose(prompt)
         self.placement.started(index)
         try:
-            return await self.replicas[index].generate.remote(prompt, options)
+            async for ref in self.replicas[index].generate_stream.remote(prompt, options):
+                yield await ref
+        except RayActorError as error:
+            self.failures += 1
+            self._reconnect_later()
+            yield {"type": "error", "error": f"replica {index} failed mid-request: {error}"}
         finally:
             self.placement.finished(index)
+
+    async def generate(self, prompt: str, options: dict[str, Any] | None = None) -> dict:
+        await self.admit(options)
+        start = time.monotonic()
+        tried: set[int] = set()
+        while True:
+            index = self.placement.choose(prompt, exclude=frozenset(tried))
+            self.placement.started(index)
+            try:
+                return await self.replicas[index].generate.remote(prompt, options)
+            except RayActorError as error:
+                self.failures += 1
+                tried.add(index)
+                self._reconnect_later()
+                late = time.monotonic() - start >= self.retry_within_s
+                if len(tried) == len(self.replicas) or late:
+                    why = f"{self.retry_within_s:g} s have passed" if late else "no replica is left to try"
+                    raise ReplicaFailed(f"replica {index} failed mid-request and {why}: {error}") from error
+            finally:
+                self.placement.finished(index)
 
     async def loads(self) -> list[dict]:
         return [await r.load_dict.remote() for r in self.replicas]
 
+    async def placement_counts(self) -> list[dict]:
+        return [await r.placement_counts.remote() for r in self.replicas]
+
     def num_replicas(self) -> int:
         return len(self.replicas)
+
+    def replica(self, index: int) -> Any:
+        return self.replicas[index]
+
+    def _reconnect_later(self) -> None:
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self, timeout_s: float = 120.0) -> None:
+        """Once every replica answers again (Ray restarted the dead one), connect them anew."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            try:
+                await asyncio.gather(*[r.load_dict.remote() for r in self.replicas])
+                break
+            except RayActorError:
+                await asyncio.sleep(0.5)
+        await self.connect()
 
 
 def get_coordinator() -> Any:

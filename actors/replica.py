@@ -4,25 +4,48 @@
 one per GPU (`num_gpus=1`) or a few CPU cores. Requests arrive on Ray's actor threads and
 wait for their result while the loop thread steps every live thread of every request
 together (continuous batching across requests).
+
+Forks spread over replicas: once `connect()` has given a replica its peers (and a place
+in the process group that carries KV), each child of a context-continuing fork is
+placed by `ChildPlacement` — here while there is room, else on the peer with the most
+room. A remote child's prefix goes there by KV transfer (full blocks, on a side thread,
+so this replica keeps decoding) or is recomputed there, whichever the cost model says is
+cheaper; the peer enters received blocks into its prefix index, so the next child from
+the same prefix needs nothing sent. The child runs there as a request of its own and its
+result joins here. If the peer dies, the child is started again here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import queue
 import threading
 import time
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
+from actors import metrics
+from actors.placement import ChildChoice, ChildPlacement
+from cache_service import OutOfBlocks
+from cache_service.transfer import KVTransfer
 from countdown.verify import claims_found, verify_claim
 from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
 from engine.sampling import SamplingParams
-from engine.threads import ForkJoinOptions
+from engine.scheduler import Thread
+from engine.threads import ForkJoinOptions, ThreadNode
 
 # Task hooks for the join: (verifier, success test). "none" joins by the protocol alone.
 TASKS = {"none": (None, None), "countdown": (verify_claim, claims_found)}
+LOAD_REFRESH_S = 0.05  # how often a replica reads its peers' loads
+GAUGES_EVERY_S = 0.5  # how often the KV and queue gauges are set
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,6 +57,10 @@ class ReplicaLoad:
     free_blocks: int  # KV blocks free or evictable
     total_blocks: int
     step_ms: float  # recent engine step time (moving average)
+
+    @property
+    def threads(self) -> int:
+        return self.running + self.waiting
 
 
 def options_from_dict(raw: dict[str, Any]) -> ForkJoinOptions:
@@ -47,17 +74,76 @@ def options_from_dict(raw: dict[str, Any]) -> ForkJoinOptions:
     return replace(ForkJoinOptions(**raw), sampling=sampling)
 
 
+class _Stream:
+    """What a streamed request's client has been sent; `update` queues what is new."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[dict] = queue.Queue()
+        self.sent_chars = 0
+        self.status: dict[int, str] = {}
+
+    def update(self, text: str, nodes: list[ThreadNode]) -> None:
+        if len(text) > self.sent_chars:
+            self.events.put({"type": "text", "text": text[self.sent_chars :]})
+            self.sent_chars = len(text)
+        for node in nodes:
+            before = self.status.get(node.thread_id)
+            if before != node.status and node.parent_id is not None:
+                event = "forked" if before is None else node.status
+                self.events.put({"type": "thread", "event": event, "thread_id": node.thread_id,
+                                 "parent_id": node.parent_id, "depth": node.depth, "spawn": node.spawn})  # fmt: skip
+            self.status[node.thread_id] = node.status
+
+
+class RayRemoteChild:
+    """A child running on a peer replica: its result is an object ref."""
+
+    def __init__(self, replica: int, peer: Any, key: str, ref: ray.ObjectRef) -> None:
+        self.replica, self.peer, self.key, self.ref = replica, peer, key, ref
+
+    def result(self) -> dict[str, Any] | None:
+        ready, _ = ray.wait([self.ref], timeout=0)
+        return ray.get(ready[0]) if ready else None  # raises when the peer died
+
+    def cancel(self) -> None:
+        self.peer.cancel_child.remote(self.key)
+
+
 class ReplicaWorker:
     def __init__(
         self, replica_id: int, model_path: str, device: str = "cpu", kv_cache_bytes: int = 256 * 2**20,
-        task: str = "none",
+        task: str = "none", capacity: int = 16, torch_threads: int = 0, metrics_port: int | None = None,
     ) -> None:  # fmt: skip
+        """`capacity`: live threads this replica takes before its forks spill to peers;
+        `metrics_port`: where this process serves its Prometheus metrics (None: not served)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
+        self.labels = {"model": Path(model_path).name, "replica": str(replica_id)}
+        if metrics_port is not None:
+            metrics.serve_metrics(metrics_port)
+        for counter in (metrics.TOKENS, metrics.PREFIX_HITS, metrics.TRANSFER_BYTES, metrics.TRANSFER_SECONDS):
+            counter.labels(**self.labels)  # each series exists (at 0) from the start
+        for where in ("local", "cached", "transfer", "recompute"):
+            metrics.PLACED.labels(**self.labels, where=where)
         self.engine = Engine(model_path, device=device, kv_cache_bytes=kv_cache_bytes)
         verifier, succeeded = TASKS[task]
-        self.forkjoin = ForkJoinEngine(self.engine, verifier=verifier, succeeded=succeeded)
+        self.forkjoin = ForkJoinEngine(self.engine, verifier=verifier, succeeded=succeeded, offload=self._offload)
+        self.placement = ChildPlacement(replica_id, capacity)
+        self.placement.cost.observe_prefill(*self._measure_prefill())
+        self.peers: list[Any] = []
+        self.peer_loads: dict[int, ReplicaLoad] = {}
+        self.transfer: KVTransfer | None = None
+        self.placed: dict[str, int] = {"local": 0, "cached": 0, "transfer": 0, "recompute": 0}
+        self._keys = itertools.count()
+        self._streams: dict[int, _Stream] = {}  # request id -> its stream, for streamed requests
+        self._prefix_hits = 0
+        self._gauges_at = 0.0
+        self._children: dict[str, int] = {}  # key -> request id of a child run here for a peer
+        self._cancelled: set[str] = set()  # keys cancelled before their child arrived
+        self._send_lock = threading.Lock()  # one outgoing transfer at a time
         self._lock = threading.Lock()  # the engine is stepped by one thread at a time
         self._wake = threading.Event()
         self._done: dict[int, threading.Event] = {}
@@ -66,21 +152,83 @@ class ReplicaWorker:
         self._stop = False
         self._loop_thread = threading.Thread(target=self._loop, name=f"replica-{replica_id}", daemon=True)
         self._loop_thread.start()
+        threading.Thread(target=self._watch_peers, name=f"replica-{replica_id}-peers", daemon=True).start()
+
+    # ---- requests ------------------------------------------------------------------
 
     def generate(self, prompt: str, options: dict[str, Any] | None = None) -> dict:
         """Run one fork-join request to its end; the result as a plain dict."""
         opts = options_from_dict(options or {})
         start = time.perf_counter()
+        result = self._run(lambda: self.forkjoin.submit(prompt, opts))
+        result.update(replica=self.replica_id, latency_s=time.perf_counter() - start)
+        return result
+
+    def generate_stream(self, prompt: str, options: dict[str, Any] | None = None) -> Iterator[dict]:
+        """The same request, as events while it runs: `{"type": "text", "text": delta}` for the
+        root's new text, `{"type": "thread", ...}` when a thread forks or ends, and last
+        `{"type": "result", "result": {...}}`."""
+        opts = options_from_dict(options or {})
+        start = time.perf_counter()
+        stream = _Stream()
         with self._lock:
             request_id = self.forkjoin.submit(prompt, opts)
+            self._streams[request_id] = stream
+        self._wake.set()
+        while True:
+            event = stream.events.get()
+            if event["type"] == "result":
+                event["result"].update(replica=self.replica_id, latency_s=time.perf_counter() - start)
+                yield event
+                return
+            yield event
+
+    def run_child(
+        self, key: str, context: list[int], options: dict[str, Any], depth: int, request_prompt: str,
+        transfer: tuple[int, int] | None = None,
+    ) -> dict:  # fmt: skip
+        """Run a peer's forked child here. `transfer` = (source rank, tag): its prefix KV
+        arrives over the process group first and enters the prefix index."""
+        if transfer is not None and self.transfer is not None:
+            kv, _ = self.transfer.recv(*transfer)
+            # Freed at once, the blocks stay in the prefix index, where the child's prefill finds
+            # them. With no room to keep them, the child recomputes its prefix.
+            with self._lock, contextlib.suppress(OutOfBlocks):
+                self.engine.cache.free(self.engine.cache.import_blocks(kv))
+        opts = options_from_dict(options)
+
+        def submit() -> int:
+            self._children[key] = self.forkjoin.submit(context, opts, depth, request_prompt)
+            if key in self._cancelled:  # cancelled before it arrived: it ends at the next step
+                self.forkjoin.cancel(self._children[key])
+            return self._children[key]
+
+        try:
+            return self._run(submit)
+        finally:
+            self._children.pop(key, None)
+            self._cancelled.discard(key)
+
+    def cancel_child(self, key: str) -> None:
+        with self._lock:
+            if key in self._children:
+                self.forkjoin.cancel(self._children[key])
+            else:
+                self._cancelled.add(key)
+        self._wake.set()
+
+    def _run(self, submit: Callable[[], int]) -> dict:
+        """Submit a request (under the lock, so its end cannot be missed) and wait for its result."""
+        with self._lock:
+            request_id = submit()
             done = self._done[request_id] = threading.Event()
         self._wake.set()
         done.wait()
         with self._lock:
             del self._done[request_id]
-            result = self._results.pop(request_id)
-        result.update(replica=self.replica_id, latency_s=time.perf_counter() - start)
-        return result
+            return self._results.pop(request_id)
+
+    # ---- load and peers ------------------------------------------------------------
 
     def load(self) -> ReplicaLoad:
         sched = self.engine.scheduler
@@ -89,6 +237,144 @@ class ReplicaWorker:
             self.replica_id, len(self._done), len(sched.running), len(sched.waiting),
             cache.num_available_blocks, cache.config.num_blocks, self._step_ms,
         )  # fmt: skip
+
+    def connect(self, peers: list[Any], init_method: str | None = None) -> None:
+        """Know the other replicas (index = replica id = rank); join the KV process group.
+        Every replica must call this at once when `init_method` is given (the group forms)."""
+        self.peers = peers
+        if init_method is not None:
+            self.transfer = KVTransfer(self.engine.cache.config, self.replica_id, len(peers), init_method)
+
+    def placement_counts(self) -> dict[str, int]:
+        """How this replica's forked children were placed: here, or elsewhere by each prefix path."""
+        return dict(self.placed)
+
+    def cached_prefix(self, token_ids: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(tokens, K, V) of the longest prefix of `token_ids` this replica's prefix index holds."""
+        with self._lock:
+            seq = self.engine.cache.allocate(token_ids)
+            try:
+                kv = self.engine.cache.export_blocks(seq, 0, seq.num_cached_tokens)
+            finally:
+                self.engine.cache.free(seq)
+        return len(kv.token_ids), kv.k, kv.v
+
+    def _watch_peers(self) -> None:
+        """Read the peers' loads every LOAD_REFRESH_S (off the loop thread: a dead peer stalls only this)."""
+        while not self._stop:
+            for i, peer in enumerate(list(self.peers)):
+                if i == self.replica_id:
+                    continue
+                try:
+                    self.peer_loads[i] = ReplicaLoad(**ray.get(peer.load_dict.remote(), timeout=1.0))
+                except Exception:  # a peer that does not answer takes no children
+                    self.peer_loads.pop(i, None)
+            time.sleep(LOAD_REFRESH_S)
+
+    # ---- placing children ----------------------------------------------------------
+
+    def _offload(self, parent: Thread, context: list[int], options: ForkJoinOptions, depth: int) -> Any:
+        """ForkJoinEngine's hook (called in a step, the lock held): a child here or on a peer."""
+        if len(self.peers) < 2:
+            self.placed["local"] += 1
+            metrics.PLACED.labels(**self.labels, where="local").inc()
+            return None
+        block = self.engine.cache.config.block_size
+        full = parent.seq.num_computed // block * block  # whole blocks of the parent's prefix
+        prefix_key = zlib.crc32(bytes(str(context[:full]), "ascii"))
+        config = self.engine.cache.config
+        per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * config.dtype.itemsize
+        local = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
+        choice = self.placement.choose(
+            local, {i: load.threads for i, load in self.peer_loads.items()}, self._step_ms / 1000, prefix_key,
+            full, full * per_token,
+        )  # fmt: skip
+        if choice.prefix == "transfer" and (self.transfer is None or full == 0):
+            choice = ChildChoice(choice.replica, "recompute", self.placement.cost.recompute_s(full))
+        self.placed[choice.prefix] += 1
+        metrics.PLACED.labels(**self.labels, where=choice.prefix).inc()
+        if choice.replica is None:
+            return None
+        self.placement.record(choice, prefix_key)
+        peer = self.peers[choice.replica]
+        key = f"{self.replica_id}-{next(self._keys)}"
+        transfer = None
+        if choice.prefix == "transfer":
+            tag = next(self._keys)
+            transfer = (self.replica_id, tag)
+            kv = self.engine.cache.export_blocks(parent.seq, 0, full)  # a copy: the send needs no lock
+            threading.Thread(target=self._send, args=(kv, choice.replica, tag), daemon=True).start()
+        options_dict = asdict(options)
+        prompt = self.forkjoin.owner[parent.thread_id].prompt  # the request's, for the verifier there
+        ref = peer.run_child.remote(key, context, options_dict, depth, prompt, transfer)
+        # The peer's load is read again soon; until then count the child there.
+        if choice.replica in self.peer_loads:
+            load = self.peer_loads[choice.replica]
+            self.peer_loads[choice.replica] = replace(load, waiting=load.waiting + 1)
+        return RayRemoteChild(choice.replica, peer, key, ref)
+
+    def _send(self, kv: Any, dst: int, tag: int) -> None:
+        assert self.transfer is not None
+        with self._send_lock:
+            try:
+                stats = self.transfer.send(kv, dst, tag)
+            except RuntimeError:
+                return  # the peer went away; its child fails and is started again here
+        self.placement.cost.observe_transfer(stats.bytes, stats.seconds)
+        metrics.TRANSFER_BYTES.labels(**self.labels).inc(stats.bytes)
+        metrics.TRANSFER_SECONDS.labels(**self.labels).inc(stats.seconds)
+
+    def _measure_prefill(self, tokens: int = 256) -> tuple[int, float]:
+        """(tokens, seconds) of one prefill here: the first guess of recompute speed (and a warm-up)."""
+        vocab = self.engine.runner.model.args.vocab_size
+        ids = [i % vocab for i in range(tokens)]
+        thread = self.engine.add_thread(ids, SamplingParams(max_new_tokens=1))
+        start = time.perf_counter()
+        while self.engine.has_work():
+            self.engine.step()
+        seconds = time.perf_counter() - start
+        self.engine.release(thread)
+        return tokens, seconds
+
+    # ---- results and metrics -------------------------------------------------------
+
+    def _finished(self, result: dict) -> None:
+        request_id = result["request_id"]
+        if result["first_token_s"] is not None and request_id not in self._children.values():
+            metrics.TTFT.labels(self.labels["model"]).observe(result["first_token_s"])
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.update(result["text"], [])
+            stream.events.put({"type": "result", "result": result})
+        else:
+            self._results[request_id] = result
+            self._done[request_id].set()
+
+    def _record(self, step_s: float) -> None:
+        """Per step: tokens and inter-token latency; every GAUGES_EVERY_S: threads, queue, KV."""
+        sampled = self.engine.last_step_tokens
+        if sampled:
+            metrics.TOKENS.labels(**self.labels).inc(sampled)
+            itl = metrics.ITL.labels(**self.labels)
+            for _ in range(sampled):
+                itl.observe(step_s)
+        now = time.perf_counter()
+        if now - self._gauges_at < GAUGES_EVERY_S:
+            return
+        self._gauges_at = now
+        sched = self.engine.scheduler
+        stats = self.engine.cache.stats()
+        metrics.LIVE_THREADS.labels(**self.labels).set(len(sched.running) + len(sched.waiting))
+        metrics.QUEUE.labels(**self.labels).set(len(sched.waiting))
+        metrics.IN_FLIGHT.labels(**self.labels).set(len(self._done) + len(self._streams))
+        kinds = {"used": stats.used_blocks, "shared": stats.shared_blocks, "branch": stats.branch_blocks,
+                 "cached": stats.cached_blocks, "free": stats.free_blocks}  # fmt: skip
+        for kind, value in kinds.items():
+            metrics.KV_BLOCKS.labels(**self.labels, kind=kind).set(value)
+        metrics.PREFIX_HITS.labels(**self.labels).inc(stats.prefix_hit_tokens - self._prefix_hits)
+        self._prefix_hits = stats.prefix_hit_tokens
+
+    # ---- the loop ------------------------------------------------------------------
 
     def shutdown(self) -> None:
         self._stop = True
@@ -99,15 +385,20 @@ class ReplicaWorker:
         while not self._stop:
             with self._lock:
                 busy = self.forkjoin.has_work()
+                computing = self.engine.has_work()
                 if busy:
                     start = time.perf_counter()
                     finished = self.forkjoin.step()
-                    self._step_ms = 0.9 * self._step_ms + 0.1 * 1000 * (time.perf_counter() - start)
+                    if computing:
+                        self._step_ms = 0.9 * self._step_ms + 0.1 * 1000 * (time.perf_counter() - start)
+                    for stream_id, stream in self._streams.items():
+                        if stream_id in self.forkjoin.requests:
+                            stream.update(*self.forkjoin.progress(stream_id))
                     for result in finished:
-                        self._results[result.request_id] = result.to_dict()
-                        self._done[result.request_id].set()
-            if not busy:
-                self._wake.wait(timeout=0.05)
+                        self._finished(result.to_dict())
+                    self._record(time.perf_counter() - start)
+            if not computing:  # idle, or waiting only for children on peers
+                self._wake.wait(timeout=0.05 if not busy else 0.002)
                 self._wake.clear()
 
 

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", add_help=False, help="evaluate a model on a task through Braid (python -m countdown.evaluate)"
     )
     evaluate.add_argument("task", choices=TASKS)
+    commands.add_parser("serve", add_help=False, help="serve over HTTP, OpenAI API (python -m cluster.serve)")
     return parser
 
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from countdown.evaluate import main as evaluate
 
         evaluate(rest)
+    elif args.command == "serve":
+        from cluster.serve import main as serve
+
+        serve(rest)
     else:
         parser.print_help()
     return 0

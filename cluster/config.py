@@ -22,6 +22,12 @@ class ClusterConfig:
     replica_gpus: float = 0.0  # 1 on GPU clusters: one replica per GPU
     kv_cache_bytes: int = 256 * 2**20
     task: str = "countdown"  # join verifier and success test ("none": the protocol's own)
+    capacity: int = 16  # live threads a replica takes before its forks spill to other replicas
+    kv_transfer: bool = True  # send a fork's prefix KV to other replicas (else they recompute it)
+    retry_within_s: float = 60.0  # a request whose replica died is retried elsewhere within this time
+    max_requests: int = 256  # in flight across the cluster; more are refused with HTTP 429
+    metrics_port: int | None = None  # replica i serves Prometheus metrics on metrics_port + 1 + i
+    detached: bool = False  # actors outlive the driver that started them (Serve deployments)
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -35,14 +41,22 @@ class ClusterConfig:
 def start(config: ClusterConfig) -> Any:
     """Start the replicas and the coordinator on the connected Ray cluster; returns the coordinator."""
     device = "cuda" if config.replica_gpus else "cpu"
+    threads = 0 if config.replica_gpus else max(1, int(config.replica_cpus))  # torch threads = its cores
+    lifetime = "detached" if config.detached else None
+    ports = [None if config.metrics_port is None else config.metrics_port + 1 + i for i in range(config.num_replicas)]
     replicas = [
-        Replica.options(num_cpus=config.replica_cpus, num_gpus=config.replica_gpus).remote(
-            i, config.model_path, device, config.kv_cache_bytes, config.task
+        Replica.options(num_cpus=config.replica_cpus, num_gpus=config.replica_gpus, lifetime=lifetime).remote(
+            i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, ports[i]
         )
         for i in range(config.num_replicas)
     ]
     ray.get([r.load_dict.remote() for r in replicas])  # wait until every engine has loaded
-    return Coordinator.options(name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True).remote(replicas)
+    coordinator = Coordinator.options(
+        name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime
+    ).remote(replicas, kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,
+             max_requests=config.max_requests)  # fmt: skip
+    ray.get(coordinator.connect.remote())
+    return coordinator
 
 
 def connect_or_start(config: ClusterConfig) -> Any:

@@ -72,6 +72,7 @@ class Engine:
         self._seeds = random.Random(seed)
         # Rewrites a step's logits (B, vocab) for its sampling threads; tests force scripts with it.
         self.logits_processor = logits_processor
+        self.last_step_tokens = 0  # tokens sampled by the last step
 
     # ---- threads -------------------------------------------------------------------
 
@@ -173,6 +174,7 @@ class Engine:
         """One batched forward over the scheduled threads; an event per sampled token."""
         chunks, threads = self.scheduler.schedule()
         events = [StepEvent(t.thread_id, None, "", t.finish_reason) for t in self.scheduler.drain_failed()]
+        self.last_step_tokens = 0
         if not chunks:
             return events
         logits = self.runner.forward(chunks)
@@ -183,6 +185,7 @@ class Engine:
             if self.logits_processor is not None:
                 logits = self.logits_processor([threads[i] for i in ready], logits)
             tokens = sample(logits, sampling, [threads[i].generator for i in ready])
+            self.last_step_tokens = len(tokens)
             events.extend(self._accept(threads[i], token) for i, token in zip(ready, tokens, strict=True))
         return events
 

@@ -10,6 +10,12 @@ the parent goes on, perhaps to fork again. Children may fork too, up to `max_dep
 Running out of KV blocks at a fork or a join is not an error: the step is retried after
 other threads free blocks; only when nothing at all can run does a request end with
 `finish_reason="out_of_blocks"`.
+
+Children may run elsewhere: an `offload` hook (the Ray replica gives one) is asked for
+every child of a context-continuing fork and may start it on another replica, where it
+runs as a request of its own rooted at that child (`submit(..., depth=d)`: it ends when
+it closes its block). Its result joins here like a local child's; a remote child whose
+replica fails is started again here, from its context.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
+from typing import Protocol as Interface
 
 from cache_service import OutOfBlocks
 from engine.engine import Engine
 from engine.protocols import ChildResult, EndEvent, ForkEvent, Parser, Protocol, get_protocol
 from engine.scheduler import Thread, ThreadState
-from engine.threads import ForkJoinOptions, ForkJoinResult, ThreadNode, Usage, critical_path
+from engine.threads import EARLY_JOIN, ForkJoinOptions, ForkJoinResult, ThreadNode, Usage, critical_path
 
 
 def joinable(result: ChildResult) -> bool:
@@ -36,15 +44,34 @@ Verifier = Callable[[str, str], bool]  # (request prompt, child's text) -> wheth
 LIVE = (ThreadState.RUNNING, ThreadState.WAITING)
 
 
+class RemoteChild(Interface):
+    """A child running on another replica."""
+
+    replica: int
+
+    def result(self) -> dict[str, Any] | None:
+        """Its request's result (`ForkJoinResult.to_dict()`) once finished, else None;
+        raises when its replica failed."""
+
+    def cancel(self) -> None: ...
+
+
+# (parent thread, child's full context token ids, child options, child depth) -> a remote
+# child, or None to run it here. Called with the parent settled (its KV covers its tokens).
+Offload = Callable[[Thread, list[int], ForkJoinOptions, int], RemoteChild | None]
+
+
 @dataclass(eq=False)
 class _Fork:
     parent: Thread
     fork_id: int
     depth: int  # the parent's depth
     spawns: list[str]
-    children: list[Thread | None]  # None until started
+    children: list[Thread | None]  # None until started (and for remote children)
     results: list[ChildResult | None]
     queue: deque[int]  # spawns waiting for a thread slot
+    remote: dict[int, int] = field(default_factory=dict)  # index -> node id of a child running elsewhere
+    local_only: set[int] = field(default_factory=set)  # indexes whose remote replica failed
     settled: bool = False  # the parent's KV covers all its tokens (needed before children fork off it)
     kept: list[ChildResult] | None = None  # chosen for the join, once decided
 
@@ -56,6 +83,7 @@ class _Request:
     protocol: Protocol
     root: Thread
     prompt: str
+    clock: Callable[[], float]
     start: float
     threads: dict[int, Thread] = field(default_factory=dict)
     nodes: dict[int, ThreadNode] = field(default_factory=dict)
@@ -64,43 +92,73 @@ class _Request:
     forks: list[_Fork] = field(default_factory=list)  # open forks
     fork_counts: Counter[int] = field(default_factory=Counter)  # thread id -> forks it made
     generated: int = 0
+    first_token_s: float | None = None
+    remote: dict[int, RemoteChild] = field(default_factory=dict)  # node id (< 0) -> a child running elsewhere
     finish_reason: str | None = None
     cache_peak: dict[str, int] = field(default_factory=dict)
 
     def now(self) -> float:
-        return time.perf_counter() - self.start
+        return self.clock() - self.start
+
+    def remote_running(self) -> int:
+        return sum(1 for node_id in self.remote if self.nodes[node_id].status == "running")
 
     def active(self) -> int:
-        return sum(1 for t in self.threads.values() if t.state in LIVE)
+        return sum(1 for t in self.threads.values() if t.state in LIVE) + self.remote_running()
 
 
 class ForkJoinEngine:
     def __init__(
-        self, engine: Engine, verifier: Verifier | None = None, succeeded: Callable[[str], bool] | None = None
+        self,
+        engine: Engine,
+        verifier: Verifier | None = None,
+        succeeded: Callable[[str], bool] | None = None,
+        offload: Offload | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """`verifier` rejects a child's wrong claim before the join; `succeeded` says whether a
-        child's text claims success (default: the protocol's own marker)."""
+        child's text claims success (default: the protocol's own marker); `offload` may run
+        a child on another replica; `clock` (seconds) times requests and their deadlines."""
         if engine.tokenizer is None:
             raise ValueError("fork-join needs a checkpoint with tokenizer.json: protocols read text")
         self.engine = engine
         self.verifier = verifier
         self.succeeded = succeeded
+        self.offload = offload
+        self.clock = clock
         self.requests: dict[int, _Request] = {}
         self.owner: dict[int, _Request] = {}  # thread id -> request
         self._ids = itertools.count()
+        self._remote_ids = itertools.count(-1, -1)  # remote children's node ids
 
-    def submit(self, prompt: str, options: ForkJoinOptions | None = None) -> int:
+    def submit(
+        self, prompt: str | list[int], options: ForkJoinOptions | None = None, depth: int = 0, request_prompt: str = ""
+    ) -> int:
+        """Start a request. With `depth` > 0 its root is a child of a fork made elsewhere:
+        it ends when it closes its block, and `request_prompt` (the original request's
+        prompt, for the verifier) is given."""
         options = options or ForkJoinOptions()
         protocol = get_protocol(options.protocol)
         root = self.engine.add_thread(prompt, options.sampling)
-        text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt)
-        req = _Request(next(self._ids), options, protocol, root, text, time.perf_counter())
-        self._register(req, root, ThreadNode(root.thread_id, None, 0, -1, 0, "", 0.0))
+        text = request_prompt or (prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt))
+        req = _Request(next(self._ids), options, protocol, root, text, self.clock, self.clock())
+        self._register(req, root, ThreadNode(root.thread_id, None, depth, -1, 0, "", 0.0))
         self.requests[req.request_id] = req
         return req.request_id
 
     def has_work(self) -> bool:
         return bool(self.requests)
+
+    def progress(self, request_id: int) -> tuple[str, list[ThreadNode]]:
+        """A running request's root text so far and its thread tree (for streaming)."""
+        req = self.requests[request_id]
+        return (req.root.detokenizer.text if req.root.detokenizer else ""), list(req.nodes.values())
+
+    def cancel(self, request_id: int) -> None:
+        """End a request now (its threads cancelled, KV freed); the next step returns it."""
+        req = self.requests.get(request_id)
+        if req is not None and req.finish_reason is None:
+            self._finish(req, "cancelled")
 
     def run(self, prompts: list[str], options: ForkJoinOptions | None = None) -> list[ForkJoinResult]:
         ids = [self.submit(p, options) for p in prompts]
@@ -120,12 +178,17 @@ class ForkJoinEngine:
             if event.token_id is not None:
                 node.generated_tokens += 1
                 req.generated += 1
+                if req.first_token_s is None:
+                    req.first_token_s = req.now()
             if event.text and thread.state is ThreadState.RUNNING:
                 for pe in req.parsers[thread.thread_id].feed(event.text):
                     if isinstance(pe, ForkEvent) and self._fork(req, thread, pe.spawns):
                         break
                     if isinstance(pe, EndEvent):
-                        self._child_done(req, thread, "done")
+                        if thread is req.root:  # a remote child's request: its block is closed
+                            self._finish(req, "stop")
+                        else:
+                            self._child_done(req, thread, "done")
                         break
             if event.finished and node.status == "running":
                 if thread is req.root:
@@ -138,9 +201,13 @@ class ForkJoinEngine:
             if req.finish_reason is None and req.generated >= req.options.max_total_tokens:
                 self._finish(req, "length")
         for req in list(self.requests.values()):
+            if req.finish_reason is None and req.options.max_latency_s is not None:
+                self._watch_deadline(req)
             if req.finish_reason is None:
+                self._poll_remote(req)
                 self._advance(req)
-        if not self.engine.has_work():  # nothing can run: what is left can never finish
+        waiting_remote = any(req.remote_running() for req in self.requests.values())
+        if not self.engine.has_work() and not waiting_remote:  # nothing can run: what is left can never finish
             for req in self.requests.values():
                 if req.finish_reason is None:
                     self._finish(req, "out_of_blocks")
@@ -190,25 +257,67 @@ class ForkJoinEngine:
         index = fork.queue[0]
         text = req.protocol.child_prompt(fork.spawns[index], index, fork.depth)
         sampling = replace(req.options.sampling, max_new_tokens=req.options.child_max_tokens)
-        try:
-            if req.protocol.continues_context:
-                (child,) = self.engine.fork(fork.parent, [self.engine.encode(text)], sampling)
-            else:
-                child = self.engine.add_thread(text, sampling)
-        except OutOfBlocks:
-            return False
-        child.keep_kv = req.protocol.merges_kv
+        options = replace(req.options, sampling=sampling)
+        header = self.engine.encode(text)
+        remote = None
+        if self.offload is not None and req.protocol.continues_context and index not in fork.local_only:
+            remote = self.offload(fork.parent, fork.parent.token_ids + header, options, fork.depth + 1)
+        if remote is not None:
+            thread_id = next(self._remote_ids)
+            req.remote[thread_id] = remote
+            fork.remote[index] = thread_id
+        else:
+            try:
+                if req.protocol.continues_context:
+                    (child,) = self.engine.fork(fork.parent, [header], options.sampling)
+                else:
+                    child = self.engine.add_thread(text, options.sampling)
+            except OutOfBlocks:
+                return False
+            child.keep_kv = req.protocol.merges_kv
+            fork.children[index] = child
+            thread_id = child.thread_id
         fork.queue.popleft()
-        fork.children[index] = child
         parent_node = req.nodes[fork.parent.thread_id]
-        node = ThreadNode(
-            child.thread_id, fork.parent.thread_id, fork.depth + 1, fork.fork_id, index, fork.spawns[index], req.now()
-        )
-        parent_node.children.append(child.thread_id)
-        self._register(req, child, node)
-        req.fork_of[child.thread_id] = fork
-        self._note_cache(req)
+        spawn = fork.spawns[index]
+        node = ThreadNode(thread_id, fork.parent.thread_id, fork.depth + 1, fork.fork_id, index, spawn, req.now())
+        parent_node.children.append(thread_id)
+        req.nodes[thread_id] = node
+        if remote is not None:
+            node.replica = remote.replica
+        else:
+            self._register(req, child, node)
+            req.fork_of[thread_id] = fork
+            self._note_cache(req)
         return True
+
+    def _poll_remote(self, req: _Request) -> None:
+        """Take in remote children that finished; start again here those whose replica failed."""
+        for fork in list(req.forks):
+            for index, node_id in list(fork.remote.items()):
+                remote, node = req.remote[node_id], req.nodes[node_id]
+                if node.status != "running":
+                    continue
+                try:
+                    result = remote.result()
+                except Exception as error:  # any failure of the other replica: Ray's errors vary
+                    node.status = "failed"
+                    node.end_s = req.now()
+                    node.notes.append(f"replica {remote.replica} failed ({type(error).__name__}): started again here")
+                    del fork.remote[index]
+                    fork.local_only.add(index)
+                    fork.queue.appendleft(index)
+                    req.nodes[fork.parent.thread_id].children.remove(node_id)
+                    continue
+                if result is None:
+                    continue
+                usage = result["usage"]
+                node.generated_tokens = usage["generated_tokens"]
+                node.critical_path_tokens = usage["critical_path_tokens"]
+                node.notes.append(f"ran on replica {remote.replica}: {len(result['threads'])} threads")
+                req.generated += node.generated_tokens
+                status = {"stop": "done", "length": "truncated"}.get(result["finish_reason"], "failed")
+                self._record(req, fork, node, result["text"], status)
 
     def _register(self, req: _Request, thread: Thread, node: ThreadNode) -> None:
         req.threads[thread.thread_id] = thread
@@ -221,13 +330,16 @@ class ForkJoinEngine:
     def _child_done(self, req: _Request, child: Thread, status: str) -> None:
         fork = req.fork_of[child.thread_id]
         node = req.nodes[child.thread_id]
-        node.end_s = req.now()
         if child.state in LIVE:
             if req.protocol.merges_kv:
                 self.engine.pause(child)  # its KV joins the parent's
             else:
                 self.engine.cancel(child)
-        text = child.detokenizer.text if child.detokenizer else ""
+        self._record(req, fork, node, child.detokenizer.text if child.detokenizer else "", status)
+
+    def _record(self, req: _Request, fork: _Fork, node: ThreadNode, text: str, status: str) -> None:
+        """A child's result: verified, then the join policy decides whether the join is due."""
+        node.end_s = req.now()
         if status == "truncated":
             text += req.protocol.closing()
         succeeded = status != "failed" and (self.succeeded or req.protocol.succeeded)(text)
@@ -260,6 +372,9 @@ class ForkJoinEngine:
         for index, child in enumerate(fork.children):
             if child is not None and index not in kept_ids:
                 self._prune(req, child)
+        for index, node_id in fork.remote.items():
+            if index not in kept_ids:
+                self._prune_remote(req, node_id)
         if fork.queue:
             req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: {len(fork.queue)} never started")
             fork.queue.clear()
@@ -274,7 +389,7 @@ class ForkJoinEngine:
             self._note_cache(req)
             self.engine.merge(fork.parent, children)
         for r in kept:
-            node = req.nodes[fork.children[r.index].thread_id]
+            node = self._child_node(req, fork, r.index)
             if joinable(r):
                 if r.status == "truncated":
                     node.notes.append("truncated")
@@ -298,11 +413,46 @@ class ForkJoinEngine:
             for child in fork.children:
                 if child is not None:
                     self._prune(req, child)
+            for node_id in fork.remote.values():
+                self._prune_remote(req, node_id)
+
+    def _prune_remote(self, req: _Request, node_id: int) -> None:
+        node = req.nodes[node_id]
+        if node.status == "running":
+            req.remote[node_id].cancel()
+            node.status = "pruned"
+            node.end_s = req.now()
+        elif node.status not in ("rejected", "failed"):
+            node.status = "pruned"
+
+    @staticmethod
+    def _child_node(req: _Request, fork: _Fork, index: int) -> ThreadNode:
+        child = fork.children[index]
+        return req.nodes[child.thread_id if child is not None else fork.remote[index]]
+
+    def _watch_deadline(self, req: _Request) -> None:
+        """Early join at EARLY_JOIN of the budget; the end at the budget."""
+        budget = req.options.max_latency_s or 0.0
+        if req.now() >= budget:
+            self._finish(req, "deadline")
+            return
+        if req.now() < EARLY_JOIN * budget:
+            return
+        for fork in req.forks:
+            if fork.kept is None:
+                fork.kept = [r for r in fork.results if r is not None]
+                fork.queue.clear()
+                req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: early join: deadline")
 
     # ---- the request's end -----------------------------------------------------------
 
     def _finish(self, req: _Request, reason: str) -> None:
         req.finish_reason = reason
+        for node_id, remote in req.remote.items():
+            if req.nodes[node_id].status == "running":
+                remote.cancel()
+                req.nodes[node_id].status = "cancelled"
+                req.nodes[node_id].end_s = req.now()
         for thread in req.threads.values():
             node = req.nodes[thread.thread_id]
             cut_short = thread.state is not ThreadState.FINISHED and node.status == "running"
@@ -327,6 +477,7 @@ class ForkJoinEngine:
             threads=sorted(req.nodes.values(), key=lambda n: n.thread_id),
             usage=usage,
             cache=dict(req.cache_peak),
+            first_token_s=req.first_token_s,
         )
 
     def _note_cache(self, req: _Request) -> None:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from engine.sampling import SamplingParams
 
 JOIN_POLICIES = ("all", "first_success", "vote")
+MAX_LATENCY_S = 3600.0
+EARLY_JOIN = 0.75  # of the latency budget: open forks join with what has finished
 
 
 @dataclass(slots=True, frozen=True)
@@ -25,6 +27,10 @@ class ForkJoinOptions:
     - `join_policy`: "all" joins every accepted child; "first_success" joins the first
       child that succeeds and cancels the rest ("pruned", KV freed at once); "vote" joins
       the children whose answer is the majority's.
+    - `max_latency_s`: the request's latency budget. At `EARLY_JOIN` of it, every open
+      fork joins with the children finished so far (the rest "pruned", note "early join:
+      deadline"), so the parents can conclude; at the budget the request ends with what
+      the root has (`finish_reason="deadline"`).
     """
 
     protocol: str = "multiverse"
@@ -34,12 +40,15 @@ class ForkJoinOptions:
     max_total_tokens: int = 4096
     child_max_tokens: int = 256
     join_policy: str = "all"
+    max_latency_s: float | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def __post_init__(self) -> None:
         for name in ("max_threads", "max_fanout", "max_total_tokens", "child_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_latency_s is not None and not 0 < self.max_latency_s <= MAX_LATENCY_S:
+            raise ValueError(f"max_latency_s must be in (0, {MAX_LATENCY_S}], got {self.max_latency_s}")
         if self.max_depth < 0:
             raise ValueError(f"max_depth must be >= 0, got {self.max_depth}")
         if self.join_policy not in JOIN_POLICIES:
@@ -57,9 +66,11 @@ class ThreadNode:
     start_s: float  # seconds since the request started
     end_s: float | None = None
     generated_tokens: int = 0
-    status: str = "running"  # running, waiting, joined, pruned, rejected, truncated, dropped, cancelled, done
+    status: str = "running"  # running, waiting, joined, pruned, rejected, truncated, dropped, cancelled, done, failed
     notes: list[str] = field(default_factory=list)
     children: list[int] = field(default_factory=list)
+    replica: int | None = None  # set when it ran on another replica than its parent (then its id is < 0)
+    critical_path_tokens: int | None = None  # of its subtree, for a child that ran elsewhere
 
 
 @dataclass(slots=True, frozen=True)
@@ -78,6 +89,7 @@ class ForkJoinResult:
     threads: list[ThreadNode]
     usage: Usage
     cache: dict[str, int]  # peak KV figures seen at forks and joins: used/shared/branch blocks, bytes
+    first_token_s: float | None = None  # seconds from submission to the root's first token
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +98,8 @@ class ForkJoinResult:
 def critical_path(nodes: dict[int, ThreadNode], thread_id: int) -> int:
     """Own tokens plus, for each of its forks, the longest child's critical path."""
     node = nodes[thread_id]
+    if node.critical_path_tokens is not None:
+        return node.critical_path_tokens
     longest: dict[int, int] = {}
     for child_id in node.children:
         child = nodes[child_id]

@@ -1,15 +1,19 @@
-"""Replicas and the coordinator on a real local Ray cluster; the batch job with resume."""
+"""Replicas and the coordinator on a real local Ray cluster: placement of requests and of
+forked children, prefix KV sent between replicas, a replica killed mid-request, and the
+batch job with resume."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import ray
+import torch
 
-from actors.coordinator import Placement
+from actors.placement import ChildPlacement, Placement, PrefixCost
 from actors.replica import options_from_dict
 from cluster.config import ClusterConfig, start
 from cluster.job import run
@@ -31,6 +35,21 @@ def test_placement_prefers_the_least_loaded_then_the_prefix_home() -> None:
     assert placement.choose("12 34 56 78>90\n") != first  # too busy now: load wins
 
 
+def test_children_stay_local_while_there_is_room_then_go_by_the_cheaper_prefix_path() -> None:
+    place = ChildPlacement(0, capacity=2, cost=PrefixCost(bandwidth_bytes_s=1e9, latency_s=0.001, prefill_tokens_s=1e4))
+    args = {"step_s": 0.05, "prefix_key": 7, "num_tokens": 1000, "num_bytes": 10**6}
+    assert place.choose(1, {1: 0}, **args).replica is None  # room here
+    choice = place.choose(3, {1: 5, 2: 0}, **args)
+    assert (choice.replica, choice.prefix) == (2, "transfer")  # 2 ms to send vs 100 ms to recompute
+    place.record(choice, 7)
+    assert place.choose(3, {1: 5, 2: 1}, **args).prefix == "cached"  # sent before: nothing to move
+    slow_link = {**args, "num_bytes": 10**9, "prefix_key": 8}
+    assert place.choose(5, {2: 0}, **slow_link).prefix == "recompute"  # 1 s to send vs 0.1 s
+    assert place.choose(3, {1: 2, 2: 2}, **args).replica is None  # nobody has room: queue here
+    not_worth_it = {**args, "step_s": 0.0001, "prefix_key": 9}
+    assert place.choose(2, {1: 0}, **not_worth_it).replica is None  # the wait saved < the move
+
+
 def test_options_are_checked() -> None:
     opts = options_from_dict({"protocol": "apr", "max_threads": 4, "sampling": {"max_new_tokens": 9}})
     assert opts.protocol == "apr" and opts.max_threads == 4 and opts.sampling.max_new_tokens == 9
@@ -48,7 +67,9 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory):
             shutil.copy(f, model / f.name)
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
-        yield start(ClusterConfig(model_path=str(model), num_replicas=2, kv_cache_bytes=32 * 2**20))
+        # capacity 1: a replica that is busy sends its forks' children to the other one.
+        config = ClusterConfig(model_path=str(model), num_replicas=2, kv_cache_bytes=32 * 2**20, capacity=1)
+        yield start(config)
     finally:
         ray.shutdown()
 
@@ -63,8 +84,47 @@ def test_concurrent_requests_spread_over_replicas(coordinator) -> None:
     assert {r["replica"] for r in results} == {0, 1}
     assert all(r["finish_reason"] for r in results)
     assert any(len(r["threads"]) > 1 for r in results)  # the embedded model forks
-    loads = ray.get(coordinator.loads.remote())
-    assert [load["requests"] for load in loads] == [0, 0]
+    assert wait_until_idle(coordinator)  # pruned children on the other replica end too
+
+
+def wait_until_idle(coordinator, timeout_s: float = 20.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if all(load["requests"] == 0 for load in ray.get(coordinator.loads.remote())):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def one_replica_answer(model: Path, prompt: str, options: dict) -> dict:
+    """The same request on one in-process replica (no Ray): the reference answer."""
+    from actors.replica import ReplicaWorker
+
+    worker = ReplicaWorker(0, str(model), kv_cache_bytes=32 * 2**20, task="countdown")
+    try:
+        return worker.generate(prompt, options)
+    finally:
+        worker.shutdown()
+
+
+def test_forked_children_spread_over_replicas_with_the_prefix_sent_exactly(coordinator) -> None:
+    prompt = "92 51 8 3>49\n"
+    options = {**OPTIONS, "join_policy": "all", "max_total_tokens": 400}
+    result = ray.get(coordinator.generate.remote(prompt, options))
+    here = result["replica"]
+    remote = [t for t in result["threads"] if t["replica"] is not None]
+    assert remote and all(t["replica"] != here for t in remote)  # children ran on the other replica
+    assert result["text"] == one_replica_answer(MODEL, prompt, options)["text"]  # greedy: the same answer
+    counts = ray.get(coordinator.placement_counts.remote())[here]
+    assert counts["transfer"] >= 1  # the prefix went by KV transfer (cheaper than recompute here)
+    # The receiving replica holds the sender's prefix blocks bit for bit.
+    tokenizer = __import__("tokenizers").Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    context = tokenizer.encode(prompt + result["text"].split("</Outlines>")[0] + "</Outlines>").ids
+    sent = ray.get(ray.get(coordinator.replica.remote(here)).cached_prefix.remote(context))
+    got = ray.get(ray.get(coordinator.replica.remote(1 - here)).cached_prefix.remote(context))
+    assert got[0] >= 16 and got[0] <= sent[0]
+    n = got[0]
+    assert torch.equal(got[1], sent[1][:, :n]) and torch.equal(got[2], sent[2][:, :n])
 
 
 def test_batch_job_writes_every_line_once_and_resumes(coordinator, tmp_path: Path) -> None:
@@ -91,3 +151,38 @@ def test_batch_job_writes_every_line_once_and_resumes(coordinator, tmp_path: Pat
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5]
     assert summary["skipped_as_done"] == 2
+
+
+def test_a_replica_killed_mid_request_is_survived(coordinator) -> None:
+    """Kill a replica while requests run on it: each request is answered (run again on the
+    other replica) or fails with a clear error, in bounded time; the cluster keeps serving;
+    Ray restarts the replica and it takes forked children again."""
+    prompts = [f"{a} {a - 9} 6 2>{a - 20}\n" for a in (60, 70, 80, 90)]
+    refs = [coordinator.generate.remote(p, {**OPTIONS, "join_policy": "all"}) for p in prompts]
+    time.sleep(1.0)
+    victim = ray.get(coordinator.replica.remote(1))
+    ray.kill(victim, no_restart=False)
+    done, pending = ray.wait(refs, num_returns=len(refs), timeout=180)
+    assert not pending, "a request hung after its replica died"
+    for ref in done:
+        try:
+            assert ray.get(ref)["finish_reason"] in ("stop", "length")
+        except ray.exceptions.RayTaskError as error:
+            assert "ReplicaFailed" in str(error) and "replica 1 failed mid-request" in str(error)
+    assert ray.get(coordinator.generate.remote(prompts[0], OPTIONS), timeout=180)["finish_reason"]
+    end = time.monotonic() + 180
+    while True:  # Ray restarts it (the model loads again)
+        try:
+            ray.get(victim.load_dict.remote(), timeout=10)
+            break
+        except ray.exceptions.RayActorError:
+            assert time.monotonic() < end, "the killed replica was not restarted"
+            time.sleep(1)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:  # the coordinator connects it again; then children spill to it
+        result = ray.get(coordinator.generate.remote("92 51 8 3>49\n", {**OPTIONS, "join_policy": "all"}))
+        if any(t["replica"] is not None for t in result["threads"]):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the restarted replica never took forked children again")

@@ -303,3 +303,100 @@ def test_a_short_pool_delays_or_fails_cleanly(ckpt: Path, num_blocks: int) -> No
         assert result.finish_reason == "stop" and result.text.endswith("<Conclusion>end")
     engine.cache.check_integrity()
     assert engine.cache.stats().used_blocks == 0
+
+
+class OtherReplica:
+    """A second engine in this process standing in for another replica: it steps once each
+    time a remote child's result is asked for."""
+
+    def __init__(self, ckpt: Path, scripts: dict[str, str], fail: bool = False) -> None:
+        engine, _ = scripted_engine(ckpt, scripts)
+        self.fj = ForkJoinEngine(engine)
+        self.fail = fail
+        self.finished: dict[int, dict] = {}
+        self.cancelled: list[int] = []
+
+    def offload(self, parent, context: list[int], options: ForkJoinOptions, depth: int):
+        if not self.fj.engine.tokenizer.decode(context).endswith("<Thread>\n2:2: b\n"):
+            return None  # child 2 goes elsewhere, the rest stay
+        return RemoteHere(self, self.fj.submit(context, options, depth=depth, request_prompt="Q:"))
+
+
+class RemoteHere:
+    replica = 1
+
+    def __init__(self, other: OtherReplica, request_id: int) -> None:
+        self.other, self.request_id = other, request_id
+
+    def result(self) -> dict | None:
+        if self.other.fail:
+            raise RuntimeError("the replica died")
+        self.other.finished.update((r.request_id, r.to_dict()) for r in self.other.fj.step())
+        return self.other.finished.get(self.request_id)
+
+    def cancel(self) -> None:
+        self.other.cancelled.append(self.request_id)
+
+
+TW_NESTED = {
+    "Q:": TW_ROOT + "answer",
+    "<Thread>\n1:1: a\n": "one</Thread>",
+    "<Thread>\n2:2: b\n": "<Parallel><Outlines><Outline>x</Outline></Outlines>two</Thread>",
+    "<Thread>\n1:x\n": "deep</Thread>",
+}
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_child_run_on_another_replica_joins_like_a_local_one(ckpt: Path, fail: bool) -> None:
+    local, _, _ = run(ckpt, TW_NESTED, protocol="threadweaver")
+    engine, _ = scripted_engine(ckpt, TW_NESTED)
+    other = OtherReplica(ckpt, TW_NESTED, fail=fail)
+    fj = ForkJoinEngine(engine, offload=other.offload)
+    (result,) = fj.run(["Q:"], ForkJoinOptions(protocol="threadweaver", sampling=SamplingParams(max_new_tokens=200)))
+    assert result.text == local.text  # the same answer, wherever the child ran
+    remote = [n for n in result.threads if n.replica == 1]
+    assert len(remote) == 1 and remote[0].thread_id < 0
+    if fail:  # started again here, from its context
+        assert remote[0].status == "failed" and "started again here" in remote[0].notes[0]
+        assert len(result.threads) == len(local.threads) + 1
+    else:  # the remote child's own fork ran over there: its subtree is summarized
+        assert remote[0].status == "joined" and remote[0].notes == ["ran on replica 1: 2 threads"]
+        assert result.usage.generated_tokens == local.usage.generated_tokens
+        assert result.usage.critical_path_tokens == local.usage.critical_path_tokens
+        assert other.fj.engine.cache.stats().used_blocks == 0
+    assert engine.cache.stats().used_blocks == 0
+
+
+class StepClock:
+    """A clock that advances 10 ms per engine step: deadlines in steps, not in machine speed."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.steps = engine, 0
+        step = engine.step
+
+        def counted():
+            self.steps += 1
+            return step()
+
+        engine.step = counted
+
+    def __call__(self) -> float:
+        return 0.01 * self.steps
+
+
+def test_a_latency_budget_joins_early_then_ends_the_request(ckpt: Path) -> None:
+    scripts = {
+        "Q:": TW_ROOT + "answer " + "more " * 100,
+        "<Thread>\n1:1: a\n": "one</Thread>",
+        "<Thread>\n2:2: b\n": "slow " * 100 + "</Thread>",
+    }
+    engine, _ = scripted_engine(ckpt, scripts)
+    fj = ForkJoinEngine(engine, clock=StepClock(engine))
+    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=0.4, sampling=SamplingParams(max_new_tokens=400))
+    (result,) = fj.run(["Q:"], options)
+    root, fast, slow = result.threads
+    assert fast.status == "joined" and slow.status == "pruned"  # at 75% of the budget: joined with what was done
+    assert "fork 0: early join: deadline" in root.notes
+    assert result.text.startswith(TW_ROOT + "\n<Thread>\n1:1: a\none</Thread>\n</Parallel>\nanswer")
+    assert result.finish_reason == "deadline" and root.end_s <= 0.4 + 0.01  # then ended at the budget
+    assert engine.cache.stats().used_blocks == 0

@@ -1,0 +1,65 @@
+"""Braid's Prometheus metrics: names prefixed `braid_`, labels bounded (model, replica,
+protocol, and small fixed sets like outcome or kind — never request ids).
+
+Each process that records metrics serves them itself (`serve_metrics(port)`): the HTTP
+ingress on the metrics base port, replica i on base + 1 + i. `targets_file()` writes
+those addresses as a Prometheus `file_sd_configs` target list (see
+`dashboards/prometheus.yml`).
+
+Request-level metrics (latency, SLA, threads, fan-out, errors) are recorded where every
+request ends, at the ingress; engine-level ones (live threads, queue, KV blocks, tokens,
+transfers, inter-token latency, time to first token) at each replica.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+# vLLM's buckets for token latencies (seconds).
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
+COUNT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+REQUESTS = Counter("braid_requests", "Requests answered, by outcome", ["model", "protocol", "outcome"])
+ERRORS = Counter("braid_errors", "Requests refused or failed, by kind", ["model", "kind"])
+LATENCY = Histogram(
+    "braid_request_latency_seconds", "End-to-end request latency", ["model", "protocol"], buckets=LATENCY_BUCKETS
+)
+SLA = Counter("braid_sla", "Requests with a latency budget, by whether it was met", ["model", "result"])
+THREADS = Histogram("braid_threads_per_request", "Threads per request", ["model", "protocol"], buckets=COUNT_BUCKETS)
+FANOUT = Histogram("braid_fork_fanout", "Children per fork", ["model", "protocol"], buckets=COUNT_BUCKETS)
+CRITICAL_PATH = Histogram(
+    "braid_critical_path_tokens", "Critical-path tokens per request", ["model", "protocol"], buckets=TOKEN_BUCKETS
+)
+TTFT = Histogram(
+    "braid_time_to_first_token_seconds", "Time to a request's first token", ["model"], buckets=TTFT_BUCKETS
+)
+ITL = Histogram(
+    "braid_inter_token_latency_seconds", "Time between a thread's tokens", ["model", "replica"], buckets=ITL_BUCKETS
+)
+TOKENS = Counter("braid_generated_tokens", "Tokens generated, every thread", ["model", "replica"])
+LIVE_THREADS = Gauge("braid_live_threads", "Threads running or queued in the engine", ["model", "replica"])
+QUEUE = Gauge("braid_queue_depth", "Threads waiting for the engine", ["model", "replica"])
+IN_FLIGHT = Gauge("braid_requests_in_flight", "Requests (and children run for peers) in flight", ["model", "replica"])
+KV_BLOCKS = Gauge("braid_kv_blocks", "KV cache blocks by kind", ["model", "replica", "kind"])
+PREFIX_HITS = Counter("braid_prefix_hit_tokens", "Prompt tokens found in the prefix index", ["model", "replica"])
+TRANSFER_BYTES = Counter("braid_kv_transfer_bytes", "Prefix KV sent to other replicas", ["model", "replica"])
+TRANSFER_SECONDS = Counter("braid_kv_transfer_seconds", "Time spent sending prefix KV", ["model", "replica"])
+PLACED = Counter("braid_children_placed", "Forked children by where they ran", ["model", "replica", "where"])
+
+
+def serve_metrics(port: int) -> None:
+    """Serve this process's metrics on http://0.0.0.0:port/metrics."""
+    start_http_server(port)
+
+
+def targets_file(path: Path, host: str, ports: list[int], model: str) -> None:
+    """A Prometheus file_sd target list for the ingress and replicas."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    groups = [{"targets": [f"{host}:{port}" for port in ports], "labels": {"job": "braid", "braid_model": model}}]
+    path.write_text(json.dumps(groups, indent=2) + "\n")

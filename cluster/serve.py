@@ -1,0 +1,369 @@
+"""Braid over HTTP: an OpenAI-compatible Ray Serve application.
+
+(No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
+at run time to know a body model from a query parameter.)
+
+    braid serve                                   # local Ray, embedded model, http://127.0.0.1:8000
+    serve run cluster.serve:build num_replicas=2  # on a running cluster (args: ClusterConfig fields)
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream with
+server-sent events when `"stream": true`), `GET /v1/models`, `GET /healthz` (the process
+is up), `GET /readyz` (the coordinator answers). Braid's options ride in the body:
+`max_latency_s`, `max_threads`, `max_depth`, `protocol`, `join_policy`. Every answer
+carries `braid`: the thread tree, critical-path tokens, and whether its latency budget
+was met. A streamed answer sends thread events (`{"braid": {"event": "forked", ...}}`,
+with no choices) between its text chunks, and the tree and usage in its last chunk.
+
+Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`): 400 for a
+malformed body, a bad option or a prompt over the limit, 404 for an unknown model, 429
+when the cluster is full and 503 when a latency budget cannot be met (both refused at
+once, never queued), 500 when a replica fails.
+"""
+
+import argparse
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from tokenizers import Tokenizer
+
+from actors import metrics
+from actors.coordinator import Refused
+from cluster.config import ClusterConfig, connect_or_start
+from engine.protocols import PROTOCOLS
+from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
+
+MAX_PROMPT_TOKENS = 4096
+MAX_TOKENS = 8192
+
+
+class BraidFields(BaseModel):
+    """Braid's own fields, and the OpenAI sampling fields Braid honours."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    user: str | None = None
+    max_latency_s: float | None = Field(None, gt=0.0, le=MAX_LATENCY_S)
+    max_threads: int | None = Field(None, ge=1, le=256)
+    max_depth: int | None = Field(None, ge=0, le=8)
+    protocol: str | None = None
+    join_policy: str | None = None
+
+    def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Braid options for the coordinator (a ValueError names a bad value)."""
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
+        if self.join_policy is not None and self.join_policy not in JOIN_POLICIES:
+            raise ValueError(f"unknown join_policy {self.join_policy!r}; known: {', '.join(JOIN_POLICIES)}")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        chosen = {
+            "protocol": self.protocol, "join_policy": self.join_policy, "max_threads": self.max_threads,
+            "max_depth": self.max_depth, "max_latency_s": self.max_latency_s,
+        }  # fmt: skip
+        options = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
+        options["max_total_tokens"] = self.max_tokens
+        options["sampling"] = {
+            "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "seed": self.seed, "stop": tuple(stop),
+        }  # fmt: skip
+        return options
+
+
+class CompletionRequest(BraidFields):
+    prompt: str = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BraidFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def prompt(self) -> str:
+        """The models Braid ships have no chat template: the prompt is the messages' text in order."""
+        return "".join(m.content for m in self.messages)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+SERVED = {"model": ""}  # the served model's name, for the error metric of requests refused before a handler
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    if status < 500 and status != 429:
+        metrics.ERRORS.labels(SERVED["model"], "bad_request").inc()
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+
+
+api = FastAPI(title="Braid", description="Serving language models that reason in parallel")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+    return error_response(400, message, "invalid_request_error", where)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.kind, exc.param)
+
+
+def refusal(error: BaseException) -> Refused | None:
+    """The coordinator's Refused, out of Ray's wrapping."""
+    while error is not None:
+        if isinstance(error, Refused):
+            return error
+        error = getattr(error, "cause", None)
+    return None
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class Shape:
+    """OpenAI's response and chunk objects for one request."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, options: dict) -> None:
+        self.id, self.model, self.chat, self.options = request_id, model, chat, options
+        self.created = int(time.time())
+        self.started = False
+
+    def _base(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _choice(self, text: str, finish_reason: str | None, chunk: bool) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        if chunk:
+            delta: dict[str, str] = {"content": text} if text else {}
+            if not self.started:
+                delta["role"] = "assistant"
+                self.started = True
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+
+    def braid(self, result: dict) -> dict:
+        budget = self.options.get("max_latency_s")
+        return {
+            "finish_reason": result["finish_reason"],
+            "latency_s": result["latency_s"],
+            "replica": result["replica"],
+            "critical_path_tokens": result["usage"]["critical_path_tokens"],
+            "sla": {"max_latency_s": budget, "met": None if budget is None else result["latency_s"] <= budget},
+            "threads": result["threads"],
+        }
+
+    @staticmethod
+    def usage(result: dict) -> dict:
+        u = result["usage"]
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["generated_tokens"],
+                "total_tokens": u["total_tokens"]}  # fmt: skip
+
+    @staticmethod
+    def finish_reason(result: dict) -> str:
+        return "stop" if result["finish_reason"] == "stop" else "length"  # deadline, out_of_blocks: cut short
+
+    def response(self, result: dict) -> dict:
+        choice = self._choice(result["text"], self.finish_reason(result), chunk=False)
+        return {**self._base(False), "choices": [choice], "usage": self.usage(result), "braid": self.braid(result)}
+
+    def chunk(self, text: str) -> dict:
+        return {**self._base(True), "choices": [self._choice(text, None, chunk=True)]}
+
+    def thread_event(self, event: dict) -> dict:
+        return {**self._base(True), "choices": [], "braid": {k: v for k, v in event.items() if k != "type"}}
+
+    def last_chunk(self, result: dict) -> dict:
+        choice = self._choice("", self.finish_reason(result), chunk=True)
+        return {**self._base(True), "choices": [choice], "usage": self.usage(result), "braid": self.braid(result)}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class BraidAPI:
+    def __init__(self, config: ClusterConfig, defaults: dict[str, Any]) -> None:
+        self.config = config
+        self.model = SERVED["model"] = Path(config.model_path).name
+        self.defaults = defaults
+        self.tokenizer = Tokenizer.from_file(str(Path(config.model_path) / "tokenizer.json"))
+        if config.metrics_port is not None:
+            metrics.serve_metrics(config.metrics_port)
+        self.coordinator = connect_or_start(config)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        try:
+            replicas = await self.coordinator.num_replicas.remote()
+        except ray.exceptions.RayError as error:
+            return error_response(503, f"coordinator not ready: {error}", "unavailable")
+        return JSONResponse({"status": "ready", "replicas": replicas})
+
+    @api.get("/v1/models")
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "braid"}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        return await self._answer(body, body.prompt, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatRequest) -> Any:
+        return await self._answer(body, body.prompt(), chat=True)
+
+    async def _answer(self, body: BraidFields, prompt: str, chat: bool) -> Any:
+        if body.model is not None and body.model != self.model:
+            raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.model!r}",
+                           param="model")  # fmt: skip
+        if len(self.tokenizer.encode(prompt).ids) > MAX_PROMPT_TOKENS:
+            raise ApiError(400, f"the prompt is over {MAX_PROMPT_TOKENS} tokens", param="prompt")
+        try:
+            options = body.options(self.defaults)
+        except ValueError as error:
+            raise ApiError(400, str(error)) from error
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        shape = Shape(request_id, self.model, chat, options)
+        if body.stream:
+            return StreamingResponse(self._stream(prompt, options, shape), media_type="text/event-stream")
+        try:
+            result = await self.coordinator.generate.remote(prompt, options)
+        except ray.exceptions.RayError as error:
+            raise self._failed(error, options) from error
+        self._observe(result, options)
+        return shape.response(result)
+
+    async def _stream(self, prompt: str, options: dict, shape: Shape) -> AsyncIterator[str]:
+        try:
+            async for ref in self.coordinator.stream.remote(prompt, options):
+                event = await ref
+                if event["type"] == "text":
+                    yield sse(shape.chunk(event["text"]))
+                elif event["type"] == "thread":
+                    yield sse(shape.thread_event(event))
+                elif event["type"] == "error":
+                    metrics.ERRORS.labels(self.model, "replica_failed").inc()
+                    yield sse({"error": {"message": event["error"], "type": "server_error", "code": 500}})
+                else:
+                    self._observe(event["result"], options)
+                    yield sse(shape.last_chunk(event["result"]))
+        except ray.exceptions.RayError as error:
+            failure = self._failed(error, options)
+            yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
+        yield "data: [DONE]\n\n"
+
+    def _failed(self, error: BaseException, options: dict) -> ApiError:
+        refused = refusal(error)
+        if refused is not None:
+            busy = refused.status == 429
+            metrics.ERRORS.labels(self.model, "refused_busy" if busy else "refused_budget").inc()
+            return ApiError(refused.status, refused.reason, "rate_limit_error" if busy else "unavailable")
+        metrics.ERRORS.labels(self.model, "replica_failed").inc()
+        return ApiError(500, f"the request failed: {str(error).splitlines()[0]}", "server_error")
+
+    def _observe(self, result: dict, options: dict) -> None:
+        protocol = options.get("protocol", "")
+        metrics.REQUESTS.labels(self.model, protocol, result["finish_reason"]).inc()
+        metrics.LATENCY.labels(self.model, protocol).observe(result["latency_s"])
+        metrics.THREADS.labels(self.model, protocol).observe(len(result["threads"]))
+        metrics.CRITICAL_PATH.labels(self.model, protocol).observe(result["usage"]["critical_path_tokens"])
+        forks: dict[tuple[int, int], int] = {}
+        for node in result["threads"]:
+            if node["parent_id"] is not None:
+                key = (node["parent_id"], node["fork"])
+                forks[key] = forks.get(key, 0) + 1
+        for width in forks.values():
+            metrics.FANOUT.labels(self.model, protocol).observe(width)
+        budget = options.get("max_latency_s")
+        if budget is not None:
+            metrics.SLA.labels(self.model, "met" if result["latency_s"] <= budget else "missed").inc()
+
+
+COUNTDOWN_DEFAULTS = {"protocol": "threadweaver", "join_policy": "first_success"}
+
+
+def build(args: dict[str, str]) -> serve.Application:
+    """`serve run cluster.serve:build key=value ...`: ClusterConfig fields as arguments."""
+    fields = ClusterConfig.__dataclass_fields__
+    unknown = set(args) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; known: {', '.join(fields)}")
+    typed = {k: _parse(fields[k].type, v) for k, v in args.items()}
+    config = ClusterConfig(**{"detached": True, **typed})
+    return BraidAPI.bind(config, COUNTDOWN_DEFAULTS if config.task == "countdown" else {})
+
+
+def _parse(kind: Any, value: str) -> Any:
+    text = str(kind)
+    if "bool" in text:
+        return str(value).lower() in ("1", "true", "yes")
+    if "int" in text:
+        return int(value)
+    if "float" in text:
+        return float(value)
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="braid serve", description="Serve Braid over HTTP (OpenAI API).")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded Countdown model)")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=9400, help="ingress; replica i on +1+i")
+    parser.add_argument("--targets", type=Path, default=Path("/tmp/braid/prometheus-targets.json"))
+    args = parser.parse_args(argv)
+    ray.init(ignore_reinit_error=True)  # the cluster `ray start` runs here, or a new local one
+    config = ClusterConfig(
+        num_replicas=args.replicas, metrics_port=args.metrics_port, **({"model_path": args.model} if args.model else {})
+    )
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS if config.task == "countdown" else {}), name="braid")
+    ports = [args.metrics_port + i for i in range(args.replicas + 1)]
+    metrics.targets_file(args.targets, "127.0.0.1", ports, Path(config.model_path).name)
+    url = f"http://{args.host}:{args.port}"
+    print(f"Braid is serving {Path(config.model_path).name} at {url}/v1 ({args.replicas} replica(s)).")
+    print(f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+          f"""-d '{{"prompt": "44 12 8 3>43\\n", "max_tokens": 400}}'""")  # fmt: skip
+    print(f"  metrics: {', '.join(f'http://127.0.0.1:{p}/metrics' for p in ports)} (targets: {args.targets})")
+    print("  Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

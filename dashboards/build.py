@@ -1,0 +1,99 @@
+"""Writes Braid's Grafana dashboards (JSON) from the panel lists below.
+
+    python -m dashboards.build      # rewrites dashboards/*.json
+
+Each dashboard uses a `datasource` variable (any Prometheus), and every panel's query
+uses only `braid_*` metrics and `up`. tests/test_metrics.py evaluates every query against
+a real Prometheus scraping a running Braid, and checks these files match this script.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RATE = "[2m]"
+
+DASHBOARDS: dict[str, list[tuple[str, str, list[str]]]] = {
+    # title -> [(panel title, unit, [queries])]
+    "Braid overview": [
+        ("Requests per second by outcome", "reqps",
+         [f"sum by (outcome) (rate(braid_requests_total{RATE}))"]),
+        ("Request latency p50 / p99", "s",
+         [f"histogram_quantile(0.5, sum by (le) (rate(braid_request_latency_seconds_bucket{RATE})))",
+          f"histogram_quantile(0.99, sum by (le) (rate(braid_request_latency_seconds_bucket{RATE})))"]),
+        ("SLA attainment (budgeted requests meeting their latency budget)", "percentunit",
+         [f'sum(rate(braid_sla_total{{result="met"}}{RATE})) / sum(rate(braid_sla_total{RATE}))']),
+        ("Errors per second by kind", "reqps", [f"sum by (kind) (rate(braid_errors_total{RATE}))"]),
+        ("Time to first token p50 / p99", "s",
+         [f"histogram_quantile(0.5, sum by (le) (rate(braid_time_to_first_token_seconds_bucket{RATE})))",
+          f"histogram_quantile(0.99, sum by (le) (rate(braid_time_to_first_token_seconds_bucket{RATE})))"]),
+        ("Generated tokens per second", "short", [f"sum(rate(braid_generated_tokens_total{RATE}))"]),
+    ],
+    "Braid parallelism": [
+        ("Threads per request (mean)", "short",
+         [f"sum(rate(braid_threads_per_request_sum{RATE})) / sum(rate(braid_threads_per_request_count{RATE}))"]),
+        ("Fan-out per fork (mean)", "short",
+         [f"sum(rate(braid_fork_fanout_sum{RATE})) / sum(rate(braid_fork_fanout_count{RATE}))"]),
+        ("Critical-path tokens p50", "short",
+         [f"histogram_quantile(0.5, sum by (le) (rate(braid_critical_path_tokens_bucket{RATE})))"]),
+        ("Live threads by replica", "short", ["sum by (replica) (braid_live_threads)"]),
+        ("Forked children by placement", "short", [f"sum by (where) (rate(braid_children_placed_total{RATE}))"]),
+    ],
+    "Braid KV cache": [
+        ("KV blocks by kind", "short", ["sum by (kind) (braid_kv_blocks)"]),
+        ("Shared fraction of used blocks", "percentunit",
+         ['sum(braid_kv_blocks{kind="shared"}) / clamp_min(sum(braid_kv_blocks{kind="used"}), 1)']),
+        ("Prefix hit tokens per second", "short", [f"sum(rate(braid_prefix_hit_tokens_total{RATE}))"]),
+        ("Prefix KV transferred (bytes/s)", "Bps", [f"sum(rate(braid_kv_transfer_bytes_total{RATE}))"]),
+        ("Transfer time per second spent", "s", [f"sum(rate(braid_kv_transfer_seconds_total{RATE}))"]),
+    ],
+    "Braid replicas": [
+        ("Replica up", "short", ['up{job="braid"}']),
+        ("Requests in flight by replica", "short", ["sum by (replica) (braid_requests_in_flight)"]),
+        ("Queue depth by replica", "short", ["sum by (replica) (braid_queue_depth)"]),
+        ("Inter-token latency p50 by replica", "s",
+         [f"histogram_quantile(0.5, sum by (le, replica) (rate(braid_inter_token_latency_seconds_bucket{RATE})))"]),
+        ("Tokens per second by replica", "short", [f"sum by (replica) (rate(braid_generated_tokens_total{RATE}))"]),
+    ],
+}  # fmt: skip
+
+
+def dashboard(title: str, panels: list[tuple[str, str, list[str]]]) -> dict:
+    datasource = {"type": "prometheus", "uid": "${datasource}"}
+    return {
+        "title": title,
+        "uid": title.lower().replace(" ", "-"),
+        "schemaVersion": 39,
+        "tags": ["braid"],
+        "time": {"from": "now-1h", "to": "now"},
+        "refresh": "10s",
+        "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]},
+        "panels": [
+            {
+                "id": i + 1,
+                "type": "timeseries",
+                "title": name,
+                "datasource": datasource,
+                "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+                "gridPos": {"x": 12 * (i % 2), "y": 8 * (i // 2), "w": 12, "h": 8},
+                "targets": [{"refId": "ABCD"[j], "expr": q, "datasource": datasource} for j, q in enumerate(queries)],
+            }
+            for i, (name, unit, queries) in enumerate(panels)
+        ],
+    }
+
+
+def render() -> dict[str, str]:
+    """File name -> JSON text of every dashboard."""
+    return {
+        f"{title.lower().replace(' ', '-')}.json": json.dumps(dashboard(title, panels), indent=2) + "\n"
+        for title, panels in DASHBOARDS.items()
+    }
+
+
+if __name__ == "__main__":
+    for name, text in render().items():
+        (HERE / name).write_text(text)
+        print(f"wrote dashboards/{name}")

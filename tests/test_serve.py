@@ -1,0 +1,209 @@
+"""Braid over HTTP on a local Ray cluster with the embedded model: the OpenAI client and raw
+HTTP, streaming and not, latency budgets, and bad requests answered with a clear 4xx."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import requests
+from openai import OpenAI
+from ray import serve
+
+from cluster.config import ClusterConfig
+from cluster.serve import COUNTDOWN_DEFAULTS, BraidAPI
+
+MODEL = Path(__file__).resolve().parents[1] / "countdown" / "model"
+PROMPT = "44 12 8 3>43\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """(base URL, metrics port) of a running Braid app."""
+    port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ClusterConfig(model_path=str(MODEL), kv_cache_bytes=32 * 2**20, metrics_port=metrics_port)
+        serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS), name="braid")
+        yield f"http://127.0.0.1:{port}", metrics_port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_health_and_readiness(server) -> None:
+    base = server[0]
+    assert requests.get(f"{base}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{base}/readyz", timeout=30).json()["status"] == "ready"
+    assert [m.id for m in client(server).models.list().data] == ["model"]
+
+
+def test_completion_through_the_openai_client_carries_the_thread_tree(server) -> None:
+    done = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=600)
+    assert done.choices[0].text and done.choices[0].finish_reason in ("stop", "length")
+    braid = done.model_extra["braid"]
+    assert len(braid["threads"]) > 1 and braid["threads"][0]["parent_id"] is None  # it forked
+    assert done.usage.completion_tokens == sum(t["generated_tokens"] for t in braid["threads"])
+    assert braid["sla"] == {"max_latency_s": None, "met": None}
+
+
+def test_streaming_sends_thread_events_apart_from_text(server) -> None:
+    chunks = list(client(server).completions.create(model="model", prompt=PROMPT, max_tokens=600, stream=True))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    events = [c.model_extra["braid"] for c in chunks if not c.choices]
+    assert any(e["event"] == "forked" for e in events) and any(e["event"] != "forked" for e in events)
+    last = chunks[-1]
+    assert last.choices[0].finish_reason in ("stop", "length") and last.usage.completion_tokens > 0
+    whole = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=600)
+    assert text == whole.choices[0].text  # greedy: the same answer as the non-streamed one
+
+
+def test_chat_over_raw_http_and_streamed(server) -> None:
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 600}
+    answer = requests.post(f"{server[0]}/v1/chat/completions", json=body, timeout=120).json()
+    assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
+    streamed = {**body, "stream": True}
+    with requests.post(f"{server[0]}/v1/chat/completions", json=streamed, stream=True, timeout=120) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == b"data: [DONE]"
+    chunks = [json.loads(line[len(b"data: ") :]) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == answer["choices"][0]["message"]["content"]
+
+
+def test_a_latency_budget_is_kept_and_reported_and_an_impossible_one_refused_fast(server) -> None:
+    start = time.monotonic()
+    budget = {"max_latency_s": 1.0}
+    done = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=2000, extra_body=budget)
+    took = time.monotonic() - start
+    sla = done.model_extra["braid"]["sla"]
+    assert sla["max_latency_s"] == 1.0 and sla["met"] is (done.model_extra["braid"]["latency_s"] <= 1.0)
+    assert took < 1.0 + 1.5  # the documented margin: HTTP, placement, and one engine step past the budget
+    start = time.monotonic()
+    refused = requests.post(f"{server[0]}/v1/completions", json={"prompt": PROMPT, "max_latency_s": 1e-4}, timeout=30)
+    assert refused.status_code == 503 and "cannot be met" in refused.json()["error"]["message"]
+    assert time.monotonic() - start < 2.0  # refused at once, not queued
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ("{not json", 400, "JSON"),
+        ({"prompt": PROMPT, "model": "gpt-4"}, 404, "not served here"),
+        ({"prompt": PROMPT, "max_latency_s": -1}, 400, "max_latency_s"),
+        ({"prompt": PROMPT, "max_latency_s": 1e9}, 400, "max_latency_s"),
+        ({"prompt": PROMPT, "protocol": "telepathy"}, 400, "unknown protocol"),
+        ({"prompt": PROMPT, "join_policy": "best"}, 400, "unknown join_policy"),
+        ({"prompt": PROMPT, "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"prompt": "1 " * 5000}, 400, "over 4096 tokens"),
+        ({"prompt": PROMPT, "n": 3}, 400, "n"),
+        ({"prompt": PROMPT, "max_thread": 3}, 400, "max_thread"),  # a misspelt option is not ignored
+        ({"max_tokens": 5}, 400, "prompt"),
+    ],
+)
+def test_bad_requests_get_a_clear_4xx_and_the_service_goes_on(server, body, status: int, message: str) -> None:
+    data = body if isinstance(body, str) else json.dumps(body)
+    reply = requests.post(
+        f"{server[0]}/v1/completions", data=data, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert message in error["message"] and error["code"] == status
+    assert requests.get(f"{server[0]}/readyz", timeout=30).status_code == 200
+
+
+def prometheus_query(base: str, query: str) -> list:
+    reply = requests.get(f"{base}/api/v1/query", params={"query": query}, timeout=10).json()
+    assert reply["status"] == "success", (query, reply)
+    return reply["data"]["result"]
+
+
+def test_dashboards_are_valid_grafana_json_and_match_their_builder() -> None:
+    from dashboards.build import render
+
+    folder = Path(__file__).resolve().parents[1] / "dashboards"
+    rendered = render()
+    assert sorted(rendered) == sorted(p.name for p in folder.glob("*.json"))
+    for name, text in rendered.items():
+        assert (folder / name).read_text() == text, f"{name} is stale: run python -m dashboards.build"
+        board = json.loads(text)
+        ids = [panel["id"] for panel in board["panels"]]
+        assert len(ids) == len(set(ids)) and board["uid"] and board["title"]
+        assert board["templating"]["list"][0] == {"name": "datasource", "type": "datasource", "query": "prometheus"}
+        for panel in board["panels"]:
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"} and panel["targets"]
+            assert all(t["expr"] and t["refId"] for t in panel["targets"])
+
+
+def test_a_real_prometheus_scrapes_the_app_and_every_dashboard_and_alert_query_returns_data(server, tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from actors.metrics import targets_file
+    from dashboards.build import DASHBOARDS
+
+    assert shutil.which("prometheus"), "needs Debian's prometheus package (make test installs it)"
+    folder = Path(__file__).resolve().parents[1] / "dashboards"
+    checked = subprocess.run(["promtool", "check", "rules", str(folder / "alerts.yml")], capture_output=True)
+    assert checked.returncode == 0, checked.stdout
+    base_url, metrics_port = server
+    targets_file(tmp_path / "targets.json", "127.0.0.1", [metrics_port, metrics_port + 1], "model")
+    config = yaml.safe_load((folder / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(folder / "alerts.yml")]
+    config["scrape_configs"][0]["file_sd_configs"] = [{"files": [str(tmp_path / "targets.json")]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 60
+        while len(prometheus_query_safe(base, 'up{job="braid"} == 1')) < 2:
+            assert time.monotonic() < end, "Prometheus never scraped both Braid processes"
+            time.sleep(0.5)
+        # Traffic after the first scrapes, so that rates see it: answered, budgeted, refused, bad.
+        oai = client(server)
+        for _ in range(2):
+            oai.completions.create(model="model", prompt=PROMPT, max_tokens=600, extra_body={"max_latency_s": 60})
+        requests.post(f"{base_url}/v1/completions", json={"prompt": PROMPT, "max_latency_s": 1e-4}, timeout=30)
+        requests.post(f"{base_url}/v1/completions", json={"prompt": PROMPT, "protocol": "x"}, timeout=30)
+        time.sleep(4)  # a few more scrapes
+        for title, panels in DASHBOARDS.items():
+            for name, _unit, queries in panels:
+                for query in queries:
+                    assert prometheus_query(base, query), f"{title} / {name}: no data for {query}"
+        rules = yaml.safe_load((folder / "alerts.yml").read_text())["groups"][0]["rules"]
+        for rule in rules:
+            prometheus_query(base, rule["expr"])  # evaluates (firing or not)
+            assert prometheus_query(base, rule["annotations"]["query"]), f"{rule['alert']}: no data"
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+
+
+def prometheus_query_safe(base: str, query: str) -> list:
+    try:
+        return prometheus_query(base, query)
+    except requests.ConnectionError:
+        return []  # not up yet
