@@ -35,9 +35,12 @@ class Refused(RuntimeError):
     """Not admitted: `status` is the HTTP status to answer (429 busy, 503 budget impossible)."""
 
     def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(status, reason)  # both in args: Ray pickles it to the caller
         self.status = status
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.reason}"
 
 
 MIN_TOKENS = 8  # a budget must allow at least this many steps on the least loaded replica

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
+import sys
 import threading
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -382,6 +385,14 @@ class ReplicaWorker:
         self._loop_thread.join(timeout=10)
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except Exception:  # a bug: crash the process, so Ray restarts the replica clean
+            traceback.print_exc()  # and every request on it is retried elsewhere (the coordinator)
+            sys.stderr.flush()
+            os._exit(1)
+
+    def _steps(self) -> None:
         while not self._stop:
             with self._lock:
                 busy = self.forkjoin.has_work()

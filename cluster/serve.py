@@ -22,6 +22,7 @@ once, never queued), 500 when a replica fails.
 
 import argparse
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,6 +43,9 @@ from cluster.config import ClusterConfig, connect_or_start
 from engine.protocols import PROTOCOLS
 from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
 
+# Serve kills a proxy that is not ready within 5 s; a loaded laptop or a 2-core CI machine
+# can take longer to start one. Applied to the local clusters `braid serve` (and the tests) start.
+PATIENT_SERVE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 MAX_PROMPT_TOKENS = 4096
 MAX_TOKENS = 8192
 
@@ -110,20 +114,22 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
 
-SERVED = {"model": ""}  # the served model's name, for the error metric of requests refused before a handler
-
-
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    if status < 500 and status != 429:
-        metrics.ERRORS.labels(SERVED["model"], "bad_request").inc()
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
 
 
 api = FastAPI(title="Braid", description="Serving language models that reason in parallel")
 
 
+def bad_request(request: Request) -> None:
+    """Count a request refused as bad. The model name is on the app the replica serves (Serve
+    copies the app into its replica, so a module global would not be the one it set)."""
+    metrics.ERRORS.labels(getattr(request.app.state, "model", ""), "bad_request").inc()
+
+
 @api.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    bad_request(request)
     first = exc.errors()[0] if exc.errors() else {}
     where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
     message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
@@ -131,7 +137,9 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 
 @api.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    if exc.status < 500 and exc.status != 429 and exc.status != 503:
+        bad_request(request)
     return error_response(exc.status, exc.message, exc.kind, exc.param)
 
 
@@ -212,7 +220,7 @@ class Shape:
 class BraidAPI:
     def __init__(self, config: ClusterConfig, defaults: dict[str, Any]) -> None:
         self.config = config
-        self.model = SERVED["model"] = Path(config.model_path).name
+        self.model = api.state.model = Path(config.model_path).name
         self.defaults = defaults
         self.tokenizer = Tokenizer.from_file(str(Path(config.model_path) / "tokenizer.json"))
         if config.metrics_port is not None:
@@ -344,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=9400, help="ingress; replica i on +1+i")
     parser.add_argument("--targets", type=Path, default=Path("/tmp/braid/prometheus-targets.json"))
     args = parser.parse_args(argv)
+    for name, value in PATIENT_SERVE.items():
+        os.environ.setdefault(name, value)
     ray.init(ignore_reinit_error=True)  # the cluster `ray start` runs here, or a new local one
     config = ClusterConfig(
         num_replicas=args.replicas, metrics_port=args.metrics_port, **({"model_path": args.model} if args.model else {})

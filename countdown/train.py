@@ -56,20 +56,23 @@ class Example:
     """One packed search: tokens, what is trained on, and the tree the mask is built from."""
 
     ids: list[int]
-    loss: list[int]  # 1 on tokens the model generates
+    loss: list[float]  # weight of each token in the loss: 0 on given tokens, more on the root's
     segment: list[int]  # segment index of each token
     parents: list[int]  # parent segment index of each segment (-1: none)
 
 
-def encode(tokenizer, segments: list[traces.Segment], eos: int) -> Example:
-    """Tokens of every segment in order; the root's answer (the last segment) ends with EOS."""
+def encode(tokenizer, segments: list[traces.Segment], eos: int, root_weight: float = 1.0) -> Example:
+    """Tokens of every segment in order; the root's answer (the last segment) ends with EOS.
+
+    The root's own tokens weigh `root_weight` in the loss: a search has one root and a
+    dozen children, yet every answer starts with the root's first moves."""
     ids: list[int] = []
-    loss: list[int] = []
+    loss: list[float] = []
     segment: list[int] = []
     for index, seg in enumerate(segments):
         part = tokenizer.encode(seg.text).ids + ([eos] if index == len(segments) - 1 else [])
         ids += part
-        loss += [int(seg.generated)] * len(part)
+        loss += [(root_weight if seg.thread == 0 else 1.0) * seg.generated] * len(part)
         segment += [index] * len(part)
     return Example(ids, loss, segment, [-1 if s.parent is None else s.parent for s in segments])
 
@@ -90,12 +93,12 @@ def tree_mask(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, mask.sum(dim=1) - 1
 
 
-def examples(fmt: str, count: int, seed: int, tokenizer, eos: int) -> list[Example]:
+def examples(fmt: str, count: int, seed: int, tokenizer, eos: int, root_weight: float = 1.0) -> list[Example]:
     rng = random.Random(seed)
     make = traces.sequential if fmt == "sequential" else traces.parallel
     out = []
     for problem in problems.splits(count, 0, 0)["train"]:
-        example = encode(tokenizer, make(problem, traces.sample_threads(rng)), eos)
+        example = encode(tokenizer, make(problem, traces.sample_threads(rng)), eos, root_weight)
         if len(example.ids) <= MAX_LEN:
             out.append(example)
     return out
@@ -118,22 +121,33 @@ def batches(data: list, batch_tokens: int, rng: random.Random):
 
 
 def collate(data: list[Example], group: list[int], pad: int, device: str) -> dict[str, torch.Tensor]:
-    """Model inputs for a batch: ids, labels, tree masks [B, 1, L, L] and position ids, padded."""
+    """Model inputs for a batch: ids, loss weights, tree masks [B, 1, L, L] and position ids, padded."""
     width = max(len(data[i].ids) for i in group)
     ids = torch.full((len(group), width), pad, dtype=torch.long)
-    labels = torch.full((len(group), width), -100, dtype=torch.long)
+    weights = torch.zeros((len(group), width))
     mask = torch.eye(width, dtype=torch.bool).repeat(len(group), 1, 1, 1)  # padding sees itself only
     positions = torch.zeros((len(group), width), dtype=torch.long)
     for row, i in enumerate(group):
         example = data[i]
         n = len(example.ids)
         ids[row, :n] = torch.tensor(example.ids)
-        labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(example.ids, example.loss, strict=True)])
+        weights[row, :n] = torch.tensor(example.loss)
         mask[row, 0, :n, :n], positions[row, :n] = tree_mask(example)
-    # The model's loss predicts token t+1 from token t. That is right for every trained
-    # token: a generated segment always comes right after its parent segment (traces.parallel).
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device),
+    return {"input_ids": ids.to(device), "weights": weights.to(device), "attention_mask": mask.to(device),
             "position_ids": positions.to(device)}  # fmt: skip
+
+
+def weighted_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of token t+1 given tokens up to t, weighted per token. Predicting the next
+    token in sequence order is right for every trained token: a generated segment always
+    comes right after its parent segment (traces.parallel)."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).logits[:, :-1]  # [B, L-1, vocab]
+    targets, weights = batch["input_ids"][:, 1:], batch["weights"][:, 1:]
+    flat = logits.reshape(-1, logits.shape[-1])
+    losses = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), reduction="none")
+    return (losses * weights.reshape(-1)).sum() / weights.sum()
 
 
 def plot(losses: list[tuple[int, float]], path: Path, title: str) -> None:
@@ -161,6 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--size", choices=["tiny", "small"], default="small")
+    parser.add_argument("--root-weight", type=float, default=4.0, help="loss weight of the root thread's tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true")
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     eos, pad = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
 
     started = time.time()
-    data = examples(args.format, args.problems, args.seed, tokenizer, eos)
+    data = examples(args.format, args.problems, args.seed, tokenizer, eos, args.root_weight)
     tokens = sum(len(example.ids) for example in data)
     print(f"{len(data)} sequences, {tokens} tokens from {args.problems} problems ({time.time() - started:.0f}s)")
 
@@ -223,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = collate(data, next(batch_iter), pad, device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(progress_at(step, elapsed + time.time() - run_start))
-        loss = model(**batch).loss
+        loss = weighted_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
                 "device": device,
                 "final_loss": losses[-1][1] if losses else None,
                 "init_from": str(args.init_from) if args.init_from else None,
+                "root_weight": args.root_weight,
             }
             (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     progress.close()

@@ -242,6 +242,8 @@ class ForkJoinEngine:
     def _advance(self, req: _Request) -> None:
         """Settle parents, start waiting children within `max_threads`, finish decided joins."""
         for fork in list(req.forks):
+            if fork not in req.forks:  # pruned by a join earlier in this pass (its parent is gone)
+                continue
             if not fork.settled:
                 try:
                     self.engine.settle([fork.parent])

@@ -90,7 +90,7 @@ def test_packed_logits_equal_each_thread_run_alone() -> None:
     short = encode(tokenizer, traces.parallel(Problem((10, 5, 2, 1), 17)), eos)  # padded in the batch
     batch = collate([example, short], [0, 1], pad, "cpu")
     with torch.no_grad():
-        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        packed = model(**{k: v for k, v in batch.items() if k != "weights"}).logits[0]
         for index, seg in enumerate(segments):
             if not seg.generated:
                 continue

@@ -400,3 +400,19 @@ def test_a_latency_budget_joins_early_then_ends_the_request(ckpt: Path) -> None:
     assert result.text.startswith(TW_ROOT + "\n<Thread>\n1:1: a\none</Thread>\n</Parallel>\nanswer")
     assert result.finish_reason == "deadline" and root.end_s <= 0.4 + 0.01  # then ended at the budget
     assert engine.cache.stats().used_blocks == 0
+
+
+def test_an_early_join_prunes_a_child_together_with_its_own_open_fork(ckpt: Path) -> None:
+    scripts = {
+        "Q:": TW_ROOT + "answer",
+        "<Thread>\n1:1: a\n": "one</Thread>",
+        "<Thread>\n2:2: b\n": "<Parallel><Outlines><Outline>x</Outline></Outlines>two</Thread>",
+        "<Thread>\n1:x\n": "slow " * 100 + "</Thread>",
+    }
+    engine, _ = scripted_engine(ckpt, scripts)
+    fj = ForkJoinEngine(engine, clock=StepClock(engine))
+    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=0.4, sampling=SamplingParams(max_new_tokens=400))
+    (result,) = fj.run(["Q:"], options)  # both forks join early in one pass: the inner one goes with its parent
+    assert [n.status for n in result.threads] == ["done", "joined", "pruned", "pruned"]
+    assert result.text.endswith("one</Thread>\n</Parallel>\nanswer")
+    assert engine.cache.stats().used_blocks == 0

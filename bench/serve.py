@@ -1,0 +1,117 @@
+"""Braid's HTTP service: its overhead against calling the coordinator directly, and SLA
+attainment under a steady load of concurrent forking requests.
+
+    python -m bench.serve
+
+A local Ray cluster with the embedded model (one replica) and the Serve app, in one run:
+1. HTTP overhead: short completions (`max_tokens` 8, no fork) one at a time, over HTTP
+   (`requests`, a kept-alive session) and straight to the Coordinator actor; p50 and p99
+   of each. Peer: the direct coordinator call.
+2. SLA attainment: each forking Countdown request's unloaded latency is measured alone;
+   then `--requests` of them run `--concurrency` at a time, each with `max_latency_s` =
+   2x its own unloaded latency; attainment = admitted requests that met their budget /
+   admitted requests (refusals are counted apart).
+Prints a table, then one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+import requests
+from ray import serve
+
+from cluster.config import ClusterConfig
+from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
+from countdown import problems
+from countdown.traces import prompt as countdown_prompt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", type=int, default=60, help="short requests per path for the overhead")
+    parser.add_argument("--requests", type=int, default=24, help="forking requests under load")
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+
+    port = free_port()
+    os.environ.update(PATIENT_SERVE)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(BraidAPI.bind(ClusterConfig(), COUNTDOWN_DEFAULTS), name="braid")
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        session = requests.Session()
+        coordinator = ray.get_actor("braid-coordinator", namespace="braid")
+        short = {"prompt": "44 12 8 3>43\n", "max_tokens": 8}
+        options = {**COUNTDOWN_DEFAULTS, "max_total_tokens": 8, "sampling": {"max_new_tokens": 8}}
+
+        def over_http() -> float:
+            start = time.perf_counter()
+            session.post(url, json=short, timeout=60).raise_for_status()
+            return time.perf_counter() - start
+
+        def direct() -> float:
+            start = time.perf_counter()
+            ray.get(coordinator.generate.remote(short["prompt"], options))
+            return time.perf_counter() - start
+
+        for _ in range(5):  # warm-up both paths
+            over_http(), direct()
+        http_s, direct_s = [], []
+        for _ in range(args.short):  # interleaved, so both see the same machine
+            http_s.append(over_http())
+            direct_s.append(direct())
+
+        prompts = [countdown_prompt(p) for p in problems.splits(0, 0, args.requests)["test"]]
+
+        def complete(prompt: str, budget: float | None = None) -> tuple[int, dict]:
+            body = {"prompt": prompt, "max_tokens": 1200, **({"max_latency_s": budget} if budget else {})}
+            reply = requests.post(url, json=body, timeout=600)  # a session is not shared across threads
+            return reply.status_code, reply.json()
+
+        unloaded = {p: complete(p)[1]["braid"]["latency_s"] for p in prompts}
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            outcomes = list(pool.map(lambda p: complete(p, 2 * unloaded[p]), prompts))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    admitted = [body for status, body in outcomes if status == 200]
+    met = sum(1 for body in admitted if body["braid"]["sla"]["met"])
+    attainment = met / len(admitted) if admitted else 0.0
+    p50_http, p50_direct = statistics.median(http_s), statistics.median(direct_s)
+    print(f"\nHTTP overhead, {args.short} short completions each (8 tokens), ms")
+    print(f"{'path':>12} {'p50':>8} {'p99':>8}")
+    print(f"{'HTTP':>12} {1000 * p50_http:>8.1f} {1000 * percentile(http_s, 0.99):>8.1f}")
+    print(f"{'coordinator':>12} {1000 * p50_direct:>8.1f} {1000 * percentile(direct_s, 0.99):>8.1f}")
+    print(f"\nSLA: {len(prompts)} forking requests, {args.concurrency} at a time, budget 2x unloaded latency "
+          f"(median unloaded {statistics.median(unloaded.values()):.2f} s)")  # fmt: skip
+    refused = len(outcomes) - len(admitted)
+    print(f"  admitted {len(admitted)}, refused {refused}, met {met}: attainment {attainment:.3f}")
+    print(json.dumps({"bench": "serve", "sla_attainment": round(attainment, 3),
+                      "http_overhead_p50_ms": round(1000 * (p50_http - p50_direct), 2),
+                      "http_p99_ms": round(1000 * percentile(http_s, 0.99), 2),
+                      "direct_p99_ms": round(1000 * percentile(direct_s, 0.99), 2)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
