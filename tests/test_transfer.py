@@ -87,3 +87,32 @@ def test_prefix_kv_over_gloo_is_bit_exact_and_indexed(dtype: torch.dtype) -> Non
 def test_prefix_kv_over_nccl_is_bit_exact() -> None:
     out = run_pair("cuda", torch.bfloat16)
     assert out["received"][0]
+
+
+def test_a_transferred_prefix_and_a_recomputed_one_give_the_same_logits(checkpoint) -> None:
+    """A child placed on another replica: its prefix KV imported there (transfer) or prefilled
+    there (recompute) — its logits are the same either way."""
+    from engine.engine import Engine
+    from engine.sampling import SamplingParams
+
+    prefix = list(range(3, 3 + 37))  # four full blocks of 8 and a partial one
+    child = prefix + [7, 8, 9]
+    sender = Engine(checkpoint, kv_cache_bytes=8 * 2**20, block_size=8)
+    parent = sender.add_thread(prefix, SamplingParams(max_new_tokens=1))
+    parent.keep_kv = True
+    while sender.has_work():
+        sender.step()
+    kv = sender.cache.export_blocks(parent.seq, 0, 32)  # the full blocks, as a replica sends them
+
+    def child_logits(engine: Engine) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        engine.logits_processor = lambda threads, logits: seen.append(logits.clone()) or logits
+        engine.generate([child], SamplingParams(max_new_tokens=1))
+        return seen[0]
+
+    receiver = Engine(checkpoint, kv_cache_bytes=8 * 2**20, block_size=8)
+    receiver.cache.free(receiver.cache.import_blocks(kv))
+    transferred = child_logits(receiver)
+    assert receiver.cache.stats().prefix_hit_tokens == 32  # the child's prefill started after the imported blocks
+    recomputed = child_logits(Engine(checkpoint, kv_cache_bytes=8 * 2**20, block_size=8))
+    torch.testing.assert_close(transferred, recomputed, atol=1e-5, rtol=1e-5)
