@@ -30,6 +30,7 @@ from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from actors.placement import PrefixCost
@@ -86,11 +87,13 @@ def transfer_worker(rank: int, port: int, model: str, sizes: list[int], repeats:
                 while engine.has_work():
                     engine.step()
                 kv = engine.cache.export_blocks(thread.seq, 0, n)
+                dist.barrier()  # the receiver's clock starts after the sender's prefill
                 for tag in range(repeats):  # other token ids each time: the receiver's index never hits
                     transfer.send(replace(kv, token_ids=[(t + tag) % vocab for t in kv.token_ids]), 1, tag)
                 engine.release(thread)
             else:
                 times = []
+                dist.barrier()
                 for tag in range(repeats):
                     start_s = time.perf_counter()
                     kv, stats = transfer.recv(0, tag)
@@ -170,9 +173,9 @@ def main() -> None:
 
         torch.manual_seed(0)
         larger = Path(tmp) / "larger"
-        config = LlamaConfig(vocab_size=512, num_key_value_heads=4, max_position_embeddings=8192, **LARGER)
+        config = LlamaConfig(vocab_size=512, max_position_embeddings=8192, **LARGER)
         LlamaForCausalLM(config).save_pretrained(larger)
-        rows = prefix_paths("embedded-3M", DEFAULT_MODEL, args.repeats) + prefix_paths("random-24M", str(larger), 1)
+        rows = prefix_paths("embedded-3M", DEFAULT_MODEL, args.repeats) + prefix_paths("random-24M", str(larger), 3)
     print("\nprefix to another replica: transfer (gloo) vs recompute (prefill), median seconds")
     print(f"{'model':>12} {'tokens':>6} {'MiB':>7} {'transfer':>9} {'recompute':>9} {'chose':>9} {'faster':>9}")
     for r in rows:
