@@ -107,6 +107,9 @@ def main() -> None:
           f"(median unloaded {statistics.median(unloaded.values()):.2f} s)")  # fmt: skip
     refused = len(outcomes) - len(admitted)
     print(f"  admitted {len(admitted)}, refused {refused}, met {met}: attainment {attainment:.3f}")
+    over = [b["braid"]["latency_s"] / b["braid"]["sla"]["max_latency_s"] for b in admitted if not b["braid"]["sla"]["met"]]
+    if over:
+        print(f"  missed by: median {statistics.median(over):.2f}x, max {max(over):.2f}x of the budget")
     print(json.dumps({"bench": "serve", "sla_attainment": round(attainment, 3),
                       "http_overhead_p50_ms": round(1000 * (p50_http - p50_direct), 2),
                       "http_p99_ms": round(1000 * percentile(http_s, 0.99), 2),

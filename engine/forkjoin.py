@@ -126,6 +126,7 @@ class ForkJoinEngine:
         self.succeeded = succeeded
         self.offload = offload
         self.clock = clock
+        self.step_s = 0.0  # recent engine step time (moving average): a deadline ends a step early
         self.requests: dict[int, _Request] = {}
         self.owner: dict[int, _Request] = {}  # thread id -> request
         self._ids = itertools.count()
@@ -169,7 +170,10 @@ class ForkJoinEngine:
 
     def step(self) -> list[ForkJoinResult]:
         """One engine step, then every protocol event it caused; returns finished requests."""
-        for event in self.engine.step():
+        started = self.clock()
+        events = self.engine.step()
+        self.step_s = 0.8 * self.step_s + 0.2 * (self.clock() - started)
+        for event in events:
             req = self.owner.get(event.thread_id)
             if req is None or req.finish_reason is not None:
                 continue
@@ -433,9 +437,9 @@ class ForkJoinEngine:
         return req.nodes[child.thread_id if child is not None else fork.remote[index]]
 
     def _watch_deadline(self, req: _Request) -> None:
-        """Early join at EARLY_JOIN of the budget; the end at the budget."""
+        """Early join at EARLY_JOIN of the budget; the end when another step would pass it."""
         budget = req.options.max_latency_s or 0.0
-        if req.now() >= budget:
+        if req.now() + self.step_s >= budget:
             self._finish(req, "deadline")
             return
         if req.now() < EARLY_JOIN * budget:

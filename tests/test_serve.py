@@ -213,3 +213,17 @@ def prometheus_query_safe(base: str, query: str) -> list:
         return prometheus_query(base, query)
     except requests.ConnectionError:
         return []  # not up yet
+
+
+def test_the_serve_config_file_builds_the_app() -> None:
+    import yaml
+
+    from cluster.serve import build
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "cluster" / "serve-config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["import_path"] == "cluster.serve:build"
+    built = build({k: str(v) for k, v in app["args"].items()})  # serve passes the args as given
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValueError, match="unknown argument"):
+        build({"num_replica": "2"})
