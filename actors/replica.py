@@ -227,9 +227,10 @@ class ReplicaWorker:
             done = self._done[request_id] = threading.Event()
         self._wake.set()
         done.wait()
-        with self._lock:
-            del self._done[request_id]
-            return self._results.pop(request_id)
+        # No lock here: the loop thread holds it nearly always, and these are single dict
+        # operations on entries only this thread still uses.
+        del self._done[request_id]
+        return self._results.pop(request_id)
 
     # ---- load and peers ------------------------------------------------------------
 
@@ -411,6 +412,8 @@ class ReplicaWorker:
             if not computing:  # idle, or waiting only for children on peers
                 self._wake.wait(timeout=0.05 if not busy else 0.002)
                 self._wake.clear()
+            else:
+                time.sleep(0)  # let a thread waiting for the lock (a new request) take it
 
 
 @ray.remote(max_concurrency=256, max_restarts=3)
