@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     url = f"http://{args.host}:{args.port}"
     print(f"Braid is serving {Path(config.model_path).name} at {url}/v1 ({args.replicas} replica(s)).")
     print(f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
-          f"""-d '{{"prompt": "44 12 8 3>43\\n", "max_tokens": 400}}'""")  # fmt: skip
+          f"""-d '{{"prompt": "95 91 78 36>72\\n", "max_tokens": 600}}'""")  # fmt: skip
     print(f"  metrics: {', '.join(f'http://127.0.0.1:{p}/metrics' for p in ports)} (targets: {args.targets})")
     print("  Ctrl-C stops it.")
     try:
