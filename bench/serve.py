@@ -106,13 +106,15 @@ def main() -> None:
     print(f"\nSLA: {len(prompts)} forking requests, {args.concurrency} at a time, budget 2x unloaded latency "
           f"(median unloaded {statistics.median(unloaded.values()):.2f} s)")  # fmt: skip
     refused = len(outcomes) - len(admitted)
-    print(f"  admitted {len(admitted)}, refused {refused}, met {met}: attainment {attainment:.3f}")
+    cut = sum(1 for b in admitted if b["braid"]["finish_reason"] == "deadline")
+    print(f"  admitted {len(admitted)}, refused {refused}, met {met}: attainment {attainment:.3f}; "
+          f"{cut} cut short at their deadline")  # fmt: skip
     missed = [b["braid"] for b in admitted if not b["braid"]["sla"]["met"]]
     over = [b["latency_s"] / b["sla"]["max_latency_s"] for b in missed]
     if over:
         print(f"  missed by: median {statistics.median(over):.2f}x, max {max(over):.2f}x of the budget")
     print(json.dumps({"bench": "serve", "sla_attainment": round(attainment, 3),
-                      "http_overhead_p50_ms": round(1000 * (p50_http - p50_direct), 2),
+                      "http_overhead_p50_ms": round(1000 * (p50_http - p50_direct), 2), "cut_at_deadline": cut,
                       "http_p99_ms": round(1000 * percentile(http_s, 0.99), 2),
                       "direct_p99_ms": round(1000 * percentile(direct_s, 0.99), 2)}))  # fmt: skip
 

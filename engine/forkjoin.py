@@ -437,10 +437,10 @@ class ForkJoinEngine:
         return req.nodes[child.thread_id if child is not None else fork.remote[index]]
 
     def _watch_deadline(self, req: _Request) -> None:
-        """Early join at EARLY_JOIN of the budget; the end two steps before it would pass (a step's
+        """Early join at EARLY_JOIN of the budget; the end three steps before it would pass (a step's
         time varies; the result also has to get back to the caller)."""
         budget = req.options.max_latency_s or 0.0
-        if req.now() + 2 * self.step_s >= budget:
+        if req.now() + 3 * self.step_s >= budget:
             self._finish(req, "deadline")
             return
         if req.now() < EARLY_JOIN * budget:
