@@ -151,7 +151,6 @@ class ReplicaWorker:
         self._wake = threading.Event()
         self._done: dict[int, threading.Event] = {}
         self._results: dict[int, dict] = {}
-        self._step_ms = 0.0
         self._stop = False
         self._loop_thread = threading.Thread(target=self._loop, name=f"replica-{replica_id}", daemon=True)
         self._loop_thread.start()
@@ -239,7 +238,7 @@ class ReplicaWorker:
         cache = self.engine.cache
         return ReplicaLoad(
             self.replica_id, len(self._done), len(sched.running), len(sched.waiting),
-            cache.num_available_blocks, cache.config.num_blocks, self._step_ms,
+            cache.num_available_blocks, cache.config.num_blocks, 1000 * self.forkjoin.step_s,
         )  # fmt: skip
 
     def connect(self, peers: list[Any], init_method: str | None = None) -> None:
@@ -283,15 +282,12 @@ class ReplicaWorker:
             self.placed["local"] += 1
             metrics.PLACED.labels(**self.labels, where="local").inc()
             return None
-        block = self.engine.cache.config.block_size
-        full = parent.seq.num_computed // block * block  # whole blocks of the parent's prefix
-        prefix_key = zlib.crc32(bytes(str(context[:full]), "ascii"))
         config = self.engine.cache.config
-        per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * config.dtype.itemsize
-        local = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
+        full = parent.seq.num_computed // config.block_size * config.block_size  # whole blocks of the prefix
+        prefix_key = zlib.crc32(bytes(str(context[:full]), "ascii"))
         choice = self.placement.choose(
-            local, {i: load.threads for i, load in self.peer_loads.items()}, self._step_ms / 1000, prefix_key,
-            full, full * per_token,
+            self.load().threads, {i: load.threads for i, load in self.peer_loads.items()}, self.forkjoin.step_s,
+            prefix_key, full, full * config.bytes_per_token,
         )  # fmt: skip
         if choice.prefix == "transfer" and (self.transfer is None or full == 0):
             choice = ChildChoice(choice.replica, "recompute", self.placement.cost.recompute_s(full))
@@ -331,14 +327,9 @@ class ReplicaWorker:
     def _measure_prefill(self, tokens: int = 256) -> tuple[int, float]:
         """(tokens, seconds) of one prefill here: the first guess of recompute speed (and a warm-up)."""
         vocab = self.engine.runner.model.args.vocab_size
-        ids = [i % vocab for i in range(tokens)]
-        thread = self.engine.add_thread(ids, SamplingParams(max_new_tokens=1))
         start = time.perf_counter()
-        while self.engine.has_work():
-            self.engine.step()
-        seconds = time.perf_counter() - start
-        self.engine.release(thread)
-        return tokens, seconds
+        self.engine.generate([[i % vocab for i in range(tokens)]], SamplingParams(max_new_tokens=1))
+        return tokens, time.perf_counter() - start
 
     # ---- results and metrics -------------------------------------------------------
 
@@ -366,10 +357,10 @@ class ReplicaWorker:
         if now - self._gauges_at < GAUGES_EVERY_S:
             return
         self._gauges_at = now
-        sched = self.engine.scheduler
+        load = self.load()
         stats = self.engine.cache.stats()
-        metrics.LIVE_THREADS.labels(**self.labels).set(len(sched.running) + len(sched.waiting))
-        metrics.QUEUE.labels(**self.labels).set(len(sched.waiting))
+        metrics.LIVE_THREADS.labels(**self.labels).set(load.threads)
+        metrics.QUEUE.labels(**self.labels).set(load.waiting)
         metrics.IN_FLIGHT.labels(**self.labels).set(len(self._done) + len(self._streams))
         kinds = {"used": stats.used_blocks, "shared": stats.shared_blocks, "branch": stats.branch_blocks,
                  "cached": stats.cached_blocks, "free": stats.free_blocks}  # fmt: skip
@@ -401,8 +392,6 @@ class ReplicaWorker:
                 if busy:
                     start = time.perf_counter()
                     finished = self.forkjoin.step()
-                    if computing:
-                        self._step_ms = 0.9 * self._step_ms + 0.1 * 1000 * (time.perf_counter() - start)
                     for stream_id, stream in self._streams.items():
                         if stream_id in self.forkjoin.requests:
                             stream.update(*self.forkjoin.progress(stream_id))

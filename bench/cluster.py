@@ -125,10 +125,8 @@ def recompute_time(engine: Engine, n: int, repeats: int) -> float:
     times = []
     for r in range(repeats):
         ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1000 * r + n)).tolist()
-        engine.add_thread(ids, SamplingParams(max_new_tokens=1))
         start_s = time.perf_counter()
-        while engine.has_work():
-            engine.step()
+        engine.generate([ids], SamplingParams(max_new_tokens=1))
         times.append(time.perf_counter() - start_s)
     return statistics.median(times)
 

@@ -126,7 +126,7 @@ class ForkJoinEngine:
         self.succeeded = succeeded
         self.offload = offload
         self.clock = clock
-        self.step_s = 0.0  # recent engine step time (moving average): a deadline ends a step early
+        self.step_s = 0.0  # recent engine step time (moving average): deadlines and load reports use it
         self.requests: dict[int, _Request] = {}
         self.owner: dict[int, _Request] = {}  # thread id -> request
         self._ids = itertools.count()
@@ -170,9 +170,10 @@ class ForkJoinEngine:
 
     def step(self) -> list[ForkJoinResult]:
         """One engine step, then every protocol event it caused; returns finished requests."""
-        started = self.clock()
+        computing, started = self.engine.has_work(), self.clock()
         events = self.engine.step()
-        self.step_s = 0.8 * self.step_s + 0.2 * (self.clock() - started)
+        if computing:  # a step with nothing to compute (waiting on remote children) says nothing of step time
+            self.step_s = 0.8 * self.step_s + 0.2 * (self.clock() - started)
         for event in events:
             req = self.owner.get(event.thread_id)
             if req is None or req.finish_reason is not None:
