@@ -46,10 +46,15 @@ class Refused(RuntimeError):
 MIN_TOKENS = 8  # a budget must allow at least this many steps on the least loaded replica
 
 
-def free_address(host: str) -> str:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group, an HTTP server, a test)."""
     with socket.socket() as s:
         s.bind(("", 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def free_address(host: str) -> str:
+    return f"tcp://{host}:{free_port()}"
 
 
 @ray.remote(num_cpus=0)  # it only waits on replicas: it takes no core from them

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from actors.coordinator import free_port
 from actors.placement import PrefixCost
 from cache_service.transfer import KVTransfer
 from cluster.config import DEFAULT_MODEL, ClusterConfig, start
@@ -64,12 +64,6 @@ def throughput(replicas: int, prompts: list[str], in_flight: int) -> float:
         ray.kill(ray.get(coordinator.replica.remote(index)))
     ray.kill(coordinator)
     return rate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def transfer_worker(rank: int, port: int, model: str, sizes: list[int], repeats: int, out: mp.Queue) -> None:

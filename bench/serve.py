@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,16 +27,11 @@ import ray
 import requests
 from ray import serve
 
+from actors.coordinator import free_port
 from cluster.config import ClusterConfig
 from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
 from countdown import problems
 from countdown.traces import prompt as countdown_prompt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

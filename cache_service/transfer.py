@@ -3,8 +3,9 @@
 A `KVSlice` (from `KVCache.export_blocks`) goes point to point: first a small header
 (token count), then token ids and positions, then K and V as they sit in the cache's
 dtype, so what arrives is bit-exact. Each transfer has its own tag, so several can be in
-flight between the same two replicas (gloo matches by tag; NCCL orders by stream). The receiver imports it with
-`KVCache.import_blocks`, which enters its full blocks into the prefix index: a second
+flight between the same two replicas with gloo, which matches by tag (NCCL ignores tags:
+there, concurrent transfers between one pair would need a stream each). The receiver
+imports it with `KVCache.import_blocks`, which enters its full blocks into the prefix index: a second
 fork from the same prefix finds them there and needs no second transfer.
 """
 

@@ -152,6 +152,12 @@ def refusal(error: BaseException) -> Refused | None:
     return None
 
 
+def sla_met(result: dict, options: dict) -> bool | None:
+    """Whether the request kept its latency budget (None: it had none)."""
+    budget = options.get("max_latency_s")
+    return None if budget is None else result["latency_s"] <= budget
+
+
 def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -180,13 +186,12 @@ class Shape:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
 
     def braid(self, result: dict) -> dict:
-        budget = self.options.get("max_latency_s")
         return {
             "finish_reason": result["finish_reason"],
             "latency_s": result["latency_s"],
             "replica": result["replica"],
             "critical_path_tokens": result["usage"]["critical_path_tokens"],
-            "sla": {"max_latency_s": budget, "met": None if budget is None else result["latency_s"] <= budget},
+            "sla": {"max_latency_s": self.options.get("max_latency_s"), "met": sla_met(result, self.options)},
             "threads": result["threads"],
         }
 
@@ -313,9 +318,9 @@ class BraidAPI:
                 forks[key] = forks.get(key, 0) + 1
         for width in forks.values():
             metrics.FANOUT.labels(self.model, protocol).observe(width)
-        budget = options.get("max_latency_s")
-        if budget is not None:
-            metrics.SLA.labels(self.model, "met" if result["latency_s"] <= budget else "missed").inc()
+        met = sla_met(result, options)
+        if met is not None:
+            metrics.SLA.labels(self.model, "met" if met else "missed").inc()
 
 
 COUNTDOWN_DEFAULTS = {"protocol": "threadweaver", "join_policy": "first_success"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -15,17 +14,12 @@ import requests
 from openai import OpenAI
 from ray import serve
 
+from actors.coordinator import free_port
 from cluster.config import ClusterConfig
 from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
 
 MODEL = Path(__file__).resolve().parents[1] / "countdown" / "model"
 PROMPT = "44 12 8 3>43\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,13 @@ NCCL where two GPUs exist)."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from actors.coordinator import free_port
 from cache_service import CacheConfig, KVCache
 from cache_service.transfer import KVTransfer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config(device: str, dtype: torch.dtype) -> CacheConfig:
