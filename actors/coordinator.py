@@ -21,7 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from actors.placement import Placement
+from actors.placement import MIN_STEPS, Placement
 
 COORDINATOR_NAME = "braid-coordinator"
 NAMESPACE = "braid"
@@ -41,9 +41,6 @@ class Refused(RuntimeError):
 
     def __str__(self) -> str:
         return f"{self.status}: {self.reason}"
-
-
-MIN_TOKENS = 8  # a budget must allow at least this many steps on the least loaded replica
 
 
 def free_port() -> int:
@@ -80,24 +77,25 @@ class Coordinator:
         init = free_address(ray.util.get_node_ip_address()) if transfer else None
         await asyncio.gather(*[r.connect.remote(self.replicas, init) for r in self.replicas])
 
-    async def admit(self, options: dict[str, Any] | None) -> None:
-        """Refuse fast what cannot be served: a full cluster (429), or a latency budget shorter
-        than MIN_TOKENS steps at the least loaded replica's recent step time (503)."""
+    async def admit(self, prompt: str, options: dict[str, Any] | None, tried: frozenset[int] = frozenset()) -> int:
+        """The replica a request goes to, or refused fast: a full cluster (429), or a latency
+        budget that holds fewer than MIN_STEPS steps at every replica's recent step time (503)."""
         if sum(self.placement.in_flight) >= self.max_requests:
             raise Refused(429, f"busy: {self.max_requests} requests in flight; retry later")
         budget = (options or {}).get("max_latency_s")
         if budget is None:
-            return
-        loads = await self.loads()
-        floor = MIN_TOKENS * min(max(load["step_ms"], 1.0) for load in loads) / 1000
-        if budget < floor:
-            raise Refused(503, f"max_latency_s={budget} cannot be met: {MIN_TOKENS} steps take ~{floor:.3f} s now")
+            return self.placement.choose(prompt, exclude=tried)
+        step_s = [max(load["step_ms"], 1.0) / 1000 for load in await self.loads()]
+        index = self.placement.choose_within(budget, step_s, exclude=tried)
+        if index is None:
+            floor = MIN_STEPS * min(step_s)
+            raise Refused(503, f"max_latency_s={budget} cannot be met: {MIN_STEPS} steps take ~{floor:.3f} s now")
+        return index
 
     async def stream(self, prompt: str, options: dict[str, Any] | None = None):
         """The request's events as they happen (see `Replica.generate_stream`); no retry once
         streaming has begun: a failed replica ends the stream with an error event."""
-        await self.admit(options)
-        index = self.placement.choose(prompt)
+        index = await self.admit(prompt, options)
         self.placement.started(index)
         try:
             async for ref in self.replicas[index].generate_stream.remote(prompt, options):
@@ -110,11 +108,10 @@ class Coordinator:
             self.placement.finished(index)
 
     async def generate(self, prompt: str, options: dict[str, Any] | None = None) -> dict:
-        await self.admit(options)
         start = time.monotonic()
         tried: set[int] = set()
         while True:
-            index = self.placement.choose(prompt, exclude=frozenset(tried))
+            index = await self.admit(prompt, options, frozenset(tried))
             self.placement.started(index)
             try:
                 return await self.replicas[index].generate.remote(prompt, options)
@@ -130,7 +127,7 @@ class Coordinator:
                 self.placement.finished(index)
 
     async def loads(self) -> list[dict]:
-        return [await r.load_dict.remote() for r in self.replicas]
+        return list(await asyncio.gather(*[r.load_dict.remote() for r in self.replicas]))
 
     async def placement_counts(self) -> list[dict]:
         return [await r.placement_counts.remote() for r in self.replicas]

@@ -3,13 +3,17 @@ and how its prefix gets there.
 
 - `Placement` (the coordinator's): a request goes to the replica with the fewest requests
   in flight; when loads are within `affinity_margin`, to the replica its prompt's prefix
-  was last sent to, whose prefix index likely holds it.
+  was last sent to, whose prefix index likely holds it. A request with a latency budget
+  goes only where the budget holds at least `MIN_STEPS` steps at that replica's recent
+  step time (fewest in flight, then fastest, among those; no prefix affinity: a busier
+  replica's cached prefix saves less than its slower steps cost); none: refused.
 - `ChildPlacement` (each replica's, for its forks): a child stays local while the local
   replica has room (fewer live threads than `capacity`). Otherwise it goes to the peer
   with the most room, when the wait it saves (one step per thread over capacity here)
   is worth more than getting the prefix there — the cheaper of sending its KV (measured
   bandwidth) and recomputing it there (measured prefill speed), or nothing when that
-  peer was sent this prefix before.
+  peer was sent this prefix before. Under a latency budget a child moves only when its
+  prefix gets there well within the time it has before its join (`MAX_MOVE_SHARE`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import zlib
 from dataclasses import dataclass
 
 AFFINITY_CHARS = 64  # the prompt prefix that decides request affinity
+MIN_STEPS = 8  # a latency budget must hold at least this many steps of the replica it goes to
+MAX_MOVE_SHARE = 0.25  # of a child's time before its join, at most, spent getting its prefix elsewhere
 
 
 class Placement:
@@ -39,6 +45,12 @@ class Placement:
             least = sticky
         self.last_for_prefix[key] = least
         return least
+
+    def choose_within(self, budget_s: float, step_s: list[float], exclude: frozenset[int] = frozenset()) -> int | None:
+        """The replica for a request with a latency budget, given each replica's recent step time
+        (seconds); None when the budget holds fewer than MIN_STEPS steps everywhere."""
+        fits = [i for i, s in enumerate(step_s) if i not in exclude and MIN_STEPS * s <= budget_s]
+        return min(fits, key=lambda i: (self.in_flight[i], step_s[i], i)) if fits else None
 
     def started(self, replica: int) -> None:
         self.in_flight[replica] += 1
@@ -97,9 +109,10 @@ class ChildPlacement:
 
     def choose(
         self, local_threads: int, peer_threads: dict[int, int], step_s: float, prefix_key: int, num_tokens: int,
-        num_bytes: int,
+        num_bytes: int, deadline_s: float | None = None,
     ) -> ChildChoice:  # fmt: skip
-        """Where a new child runs, given live threads here and on each peer, and a step's time here."""
+        """Where a new child runs, given live threads here and on each peer, a step's time here,
+        and (under a latency budget) the seconds the child has before its join."""
         if local_threads < self.capacity:
             return ChildChoice(None)
         roomy = {p: n for p, n in peer_threads.items() if p != self.replica_id and n < self.capacity}
@@ -107,6 +120,8 @@ class ChildPlacement:
             return ChildChoice(None)
         peer = min(roomy, key=lambda p: (roomy[p], p))
         choice = self.how(peer, prefix_key, num_tokens, num_bytes)
+        if deadline_s is not None and choice.cost_s > MAX_MOVE_SHARE * deadline_s:
+            return ChildChoice(None)
         saved_s = step_s * (local_threads - self.capacity + 1)  # the queue the child skips here, roughly
         return choice if choice.cost_s < saved_s or choice.prefix == "cached" else ChildChoice(None)
 

@@ -287,7 +287,7 @@ class ReplicaWorker:
         prefix_key = zlib.crc32(bytes(str(context[:full]), "ascii"))
         choice = self.placement.choose(
             self.load().threads, {i: load.threads for i, load in self.peer_loads.items()}, self.forkjoin.step_s,
-            prefix_key, full, full * config.bytes_per_token,
+            prefix_key, full, full * config.bytes_per_token, options.max_latency_s,
         )  # fmt: skip
         if choice.prefix == "transfer" and (self.transfer is None or full == 0):
             choice = ChildChoice(choice.replica, "recompute", self.placement.cost.recompute_s(full))

@@ -32,7 +32,16 @@ from cache_service import OutOfBlocks
 from engine.engine import Engine
 from engine.protocols import ChildResult, EndEvent, ForkEvent, Parser, Protocol, get_protocol
 from engine.scheduler import Thread, ThreadState
-from engine.threads import EARLY_JOIN, ForkJoinOptions, ForkJoinResult, ThreadNode, Usage, critical_path
+from engine.threads import (
+    ANSWER_STEPS,
+    EARLY_JOIN,
+    END_STEPS,
+    ForkJoinOptions,
+    ForkJoinResult,
+    ThreadNode,
+    Usage,
+    critical_path,
+)
 
 
 def joinable(result: ChildResult) -> bool:
@@ -42,6 +51,7 @@ def joinable(result: ChildResult) -> bool:
 
 Verifier = Callable[[str, str], bool]  # (request prompt, child's text) -> whether its claimed result holds
 LIVE = (ThreadState.RUNNING, ThreadState.WAITING)
+REMOTE_STATUS = {"stop": "done", "length": "truncated", "deadline": "truncated"}  # a remote child's end, as a child
 
 
 class RemoteChild(Interface):
@@ -173,7 +183,8 @@ class ForkJoinEngine:
         computing, started = self.engine.has_work(), self.clock()
         events = self.engine.step()
         if computing:  # a step with nothing to compute (waiting on remote children) says nothing of step time
-            self.step_s = 0.8 * self.step_s + 0.2 * (self.clock() - started)
+            took = self.clock() - started
+            self.step_s = 0.8 * self.step_s + 0.2 * took if self.step_s else took
         for event in events:
             req = self.owner.get(event.thread_id)
             if req is None or req.finish_reason is not None:
@@ -223,6 +234,10 @@ class ForkJoinEngine:
     def _fork(self, req: _Request, parent: Thread, spawns: list[str]) -> bool:
         """Start a fork, or note why not (the parent then goes on alone)."""
         node = req.nodes[parent.thread_id]
+        join_at = self._join_at(req, node.depth)
+        if join_at is not None and req.now() >= join_at:
+            node.notes.append("fork refused: deadline")
+            return False
         if node.depth >= req.options.max_depth:
             node.notes.append(f"fork refused: max_depth {req.options.max_depth}")
             return False
@@ -263,8 +278,14 @@ class ForkJoinEngine:
     def _start_child(self, req: _Request, fork: _Fork) -> bool:
         index = fork.queue[0]
         text = req.protocol.child_prompt(fork.spawns[index], index, fork.depth)
-        sampling = replace(req.options.sampling, max_new_tokens=req.options.child_max_tokens)
-        options = replace(req.options, sampling=sampling)
+        limit, left_s = req.options.child_max_tokens, None
+        join_at = self._join_at(req, fork.depth)
+        if join_at is not None:
+            left_s = max(join_at - req.now(), 1e-3)
+            if self.step_s > 0 and left_s / self.step_s < limit:
+                limit = max(1, int(left_s / self.step_s))
+        sampling = replace(req.options.sampling, max_new_tokens=limit)
+        options = replace(req.options, sampling=sampling, max_latency_s=left_s)
         header = self.engine.encode(text)
         remote = None
         if self.offload is not None and req.protocol.continues_context and index not in fork.local_only:
@@ -290,6 +311,8 @@ class ForkJoinEngine:
         node = ThreadNode(thread_id, fork.parent.thread_id, fork.depth + 1, fork.fork_id, index, spawn, req.now())
         parent_node.children.append(thread_id)
         req.nodes[thread_id] = node
+        if limit < req.options.child_max_tokens:
+            node.notes.append(f"token budget {limit}: deadline")
         if remote is not None:
             node.replica = remote.replica
         else:
@@ -323,7 +346,7 @@ class ForkJoinEngine:
                 node.critical_path_tokens = usage["critical_path_tokens"]
                 node.notes.append(f"ran on replica {remote.replica}: {len(result['threads'])} threads")
                 req.generated += node.generated_tokens
-                status = {"stop": "done", "length": "truncated"}.get(result["finish_reason"], "failed")
+                status = REMOTE_STATUS.get(result["finish_reason"], "failed")
                 self._record(req, fork, node, result["text"], status)
 
     def _register(self, req: _Request, thread: Thread, node: ThreadNode) -> None:
@@ -437,20 +460,32 @@ class ForkJoinEngine:
         child = fork.children[index]
         return req.nodes[child.thread_id if child is not None else fork.remote[index]]
 
+    def _join_at(self, req: _Request, depth: int) -> float | None:
+        """When the open forks of threads at `depth` must join (seconds since the request's
+        start), or None without a budget: so that each thread above still has ANSWER_STEPS
+        to conclude, and the root END_STEPS of margin (see `ForkJoinOptions`)."""
+        budget = req.options.max_latency_s
+        if budget is None:
+            return None
+        root = min(EARLY_JOIN * budget, budget - (ANSWER_STEPS + END_STEPS) * self.step_s)
+        return root - ANSWER_STEPS * depth * self.step_s
+
     def _watch_deadline(self, req: _Request) -> None:
-        """Early join at EARLY_JOIN of the budget; the end three steps before it would pass (a step's
-        time varies; the result also has to get back to the caller)."""
-        budget = req.options.max_latency_s or 0.0
-        if req.now() + 3 * self.step_s >= budget:
+        """End the request END_STEPS before its budget; join each fork due, with its running
+        children cut where they are (joined "truncated") and its waiting ones dropped."""
+        if req.now() + END_STEPS * self.step_s >= (req.options.max_latency_s or 0.0):
             self._finish(req, "deadline")
             return
-        if req.now() < EARLY_JOIN * budget:
-            return
-        for fork in req.forks:
-            if fork.kept is None:
+        for fork in list(req.forks):
+            if fork.kept is not None or req.now() < (self._join_at(req, fork.depth) or 0.0):
+                continue
+            fork.queue.clear()
+            for index, child in enumerate(fork.children):
+                if child is not None and fork.results[index] is None and child.state in LIVE:
+                    self._child_done(req, child, "truncated")
+            if fork.kept is None:  # (first_success may have decided it just now)
                 fork.kept = [r for r in fork.results if r is not None]
-                fork.queue.clear()
-                req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: early join: deadline")
+            req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: early join: deadline")
 
     # ---- the request's end -----------------------------------------------------------
 

@@ -8,7 +8,9 @@ from engine.sampling import SamplingParams
 
 JOIN_POLICIES = ("all", "first_success", "vote")
 MAX_LATENCY_S = 3600.0
-EARLY_JOIN = 0.75  # of the latency budget: open forks join with what has finished
+EARLY_JOIN = 0.75  # of the latency budget: open forks join with what has finished, at the latest
+ANSWER_STEPS = 32  # steps kept, under a latency budget, for the root to write its answer after the last join
+END_STEPS = 3  # a request with a budget ends this many steps before it (step times vary; the result must get back)
 
 
 @dataclass(slots=True, frozen=True)
@@ -27,10 +29,15 @@ class ForkJoinOptions:
     - `join_policy`: "all" joins every accepted child; "first_success" joins the first
       child that succeeds and cancels the rest ("pruned", KV freed at once); "vote" joins
       the children whose answer is the majority's.
-    - `max_latency_s`: the request's latency budget. At `EARLY_JOIN` of it, every open
-      fork joins with the children finished so far (the rest "pruned", note "early join:
-      deadline"), so the parents can conclude; at the budget the request ends with what
-      the root has (`finish_reason="deadline"`).
+    - `max_latency_s`: the request's latency budget, spent by measured step time. The
+      join time is `ANSWER_STEPS + END_STEPS` steps before the budget, and no later than
+      `EARLY_JOIN` of it: a child started under a budget may generate only the tokens
+      that fit before the join time (note "token budget N: deadline"; cut there, it is
+      joined "truncated"); at the join time every open fork joins with the children
+      finished so far (the rest "pruned", note "early join: deadline") and later forks are
+      refused (note "fork refused: deadline"), so the root can still write its answer;
+      `END_STEPS` steps before the budget the request ends with what the root has
+      (`finish_reason="deadline"`).
     """
 
     protocol: str = "multiverse"

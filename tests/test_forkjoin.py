@@ -384,7 +384,7 @@ class StepClock:
         return 0.01 * self.steps
 
 
-def test_a_latency_budget_joins_early_then_ends_the_request(ckpt: Path) -> None:
+def test_a_latency_budget_gives_children_token_budgets_then_ends_the_request(ckpt: Path) -> None:
     scripts = {
         "Q:": TW_ROOT + "answer " + "more " * 100,
         "<Thread>\n1:1: a\n": "one</Thread>",
@@ -392,17 +392,30 @@ def test_a_latency_budget_joins_early_then_ends_the_request(ckpt: Path) -> None:
     }
     engine, _ = scripted_engine(ckpt, scripts)
     fj = ForkJoinEngine(engine, clock=StepClock(engine))
-    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=0.4, sampling=SamplingParams(max_new_tokens=400))
+    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=1.0, sampling=SamplingParams(max_new_tokens=400))
     (result,) = fj.run(["Q:"], options)
     root, fast, slow = result.threads
-    assert fast.status == "joined" and slow.status == "pruned"  # at 75% of the budget: joined with what was done
-    assert "fork 0: early join: deadline" in root.notes
-    assert result.text.startswith(TW_ROOT + "\n<Thread>\n1:1: a\none</Thread>\n</Parallel>\nanswer")
-    assert result.finish_reason == "deadline" and root.end_s <= 0.4 + 0.01  # then ended at the budget
+    # Joins are due 35 steps (ANSWER_STEPS + END_STEPS) before the budget: at 0.65 s, so a child
+    # forked at 0.15 s may generate 50 tokens; the slow one is cut there and joined.
+    assert fast.notes == slow.notes[:1] == ["token budget 50: deadline"]
+    assert fast.status == "joined" and slow.status == "joined" and slow.notes[1] == "truncated"
+    assert slow.generated_tokens == 50 and slow.end_s <= 0.65 + 0.01
+    assert result.text.startswith(TW_ROOT + "\n<Thread>\n1:1: a\none</Thread>\n<Thread>\n2:2: b\nslow slow")
+    assert "slow </Thread>\n</Parallel>\nanswer more" in result.text
+    assert result.finish_reason == "deadline" and root.end_s <= 1.0 - 0.03 + 0.01  # ended 3 steps before the budget
     assert engine.cache.stats().used_blocks == 0
 
 
-def test_an_early_join_prunes_a_child_together_with_its_own_open_fork(ckpt: Path) -> None:
+def test_no_fork_once_the_join_time_has_passed(ckpt: Path) -> None:
+    engine, _ = scripted_engine(ckpt, {"Q:": TW_ROOT + "answer"})
+    fj = ForkJoinEngine(engine, clock=StepClock(engine))
+    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=0.4, sampling=SamplingParams(max_new_tokens=400))
+    (result,) = fj.run(["Q:"], options)  # joins are due at 0.05 s: the fork at 0.15 s is refused
+    assert [n.notes for n in result.threads] == [["fork refused: deadline"]]
+    assert result.text == TW_ROOT + "answer" and result.finish_reason == "stop"
+
+
+def test_nested_forks_join_first_so_that_each_parent_can_conclude(ckpt: Path) -> None:
     scripts = {
         "Q:": TW_ROOT + "answer",
         "<Thread>\n1:1: a\n": "one</Thread>",
@@ -411,8 +424,29 @@ def test_an_early_join_prunes_a_child_together_with_its_own_open_fork(ckpt: Path
     }
     engine, _ = scripted_engine(ckpt, scripts)
     fj = ForkJoinEngine(engine, clock=StepClock(engine))
-    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=0.4, sampling=SamplingParams(max_new_tokens=400))
-    (result,) = fj.run(["Q:"], options)  # both forks join early in one pass: the inner one goes with its parent
+    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=1.0, sampling=SamplingParams(max_new_tokens=400))
+    (result,) = fj.run(["Q:"], options)
+    root, x = result.threads[0], result.threads[3]
+    # b's fork joins 32 steps before the root's (0.33 s vs 0.65 s): x is cut there, b concludes,
+    # the root's fork joins in full, and the root answers on its own within the budget.
+    assert [n.status for n in result.threads] == ["done", "joined", "joined", "joined"]
+    assert x.notes[-1] == "truncated" and x.end_s <= 0.33 + 0.01
+    assert result.text.endswith("\n1:x\nslow slow sl</Thread>\n</Parallel>\ntwo</Thread>\n</Parallel>\nanswer")
+    assert result.finish_reason == "stop" and root.end_s < 1.0 and not root.notes
+    assert engine.cache.stats().used_blocks == 0
+
+
+def test_a_join_prunes_a_child_together_with_its_own_open_fork(ckpt: Path) -> None:
+    scripts = {
+        "Q:": TW_ROOT + "answer",
+        "<Thread>\n1:1: a\n": "one " * 6 + "</Thread>",
+        "<Thread>\n2:2: b\n": "<Parallel><Outlines><Outline>x</Outline></Outlines>two</Thread>",
+        "<Thread>\n1:x\n": "slow " * 100 + "</Thread>",
+    }
+    engine, _ = scripted_engine(ckpt, scripts)
+    fj = ForkJoinEngine(engine)
+    options = ForkJoinOptions(protocol="threadweaver", join_policy="first_success")
+    (result,) = fj.run(["Q:"], options)  # a succeeds first: b goes, and its open fork with it
     assert [n.status for n in result.threads] == ["done", "joined", "pruned", "pruned"]
-    assert result.text.endswith("one</Thread>\n</Parallel>\nanswer")
+    assert result.text.endswith("one </Thread>\n</Parallel>\nanswer")
     assert engine.cache.stats().used_blocks == 0
