@@ -137,6 +137,7 @@ class ForkJoinEngine:
         self.offload = offload
         self.clock = clock
         self.step_s = 0.0  # recent engine step time (moving average): deadlines and load reports use it
+        self.step_peak_s = 0.0  # recent slowest step (a decaying maximum): the margin at a deadline
         self.requests: dict[int, _Request] = {}
         self.owner: dict[int, _Request] = {}  # thread id -> request
         self._ids = itertools.count()
@@ -185,6 +186,7 @@ class ForkJoinEngine:
         if computing:  # a step with nothing to compute (waiting on remote children) says nothing of step time
             took = self.clock() - started
             self.step_s = 0.8 * self.step_s + 0.2 * took if self.step_s else took
+            self.step_peak_s = max(took, 0.95 * self.step_peak_s)
         for event in events:
             req = self.owner.get(event.thread_id)
             if req is None or req.finish_reason is not None:
@@ -471,9 +473,9 @@ class ForkJoinEngine:
         return root - ANSWER_STEPS * depth * self.step_s
 
     def _watch_deadline(self, req: _Request) -> None:
-        """End the request END_STEPS before its budget; join each fork due, with its running
-        children cut where they are (joined "truncated") and its waiting ones dropped."""
-        if req.now() + END_STEPS * self.step_s >= (req.options.max_latency_s or 0.0):
+        """End the request END_STEPS (and one slow step) before its budget; join each fork due,
+        with its running children cut where they are (joined "truncated"), waiting ones dropped."""
+        if req.now() + END_STEPS * self.step_s + self.step_peak_s >= (req.options.max_latency_s or 0.0):
             self._finish(req, "deadline")
             return
         for fork in list(req.forks):

@@ -10,7 +10,7 @@ JOIN_POLICIES = ("all", "first_success", "vote")
 MAX_LATENCY_S = 3600.0
 EARLY_JOIN = 0.75  # of the latency budget: open forks join with what has finished, at the latest
 ANSWER_STEPS = 32  # steps kept, under a latency budget, for the root to write its answer after the last join
-END_STEPS = 3  # a request with a budget ends this many steps before it (step times vary; the result must get back)
+END_STEPS = 3  # a request with a budget ends this many steps, and one slow step, before it (the result must get back)
 
 
 @dataclass(slots=True, frozen=True)
@@ -36,8 +36,8 @@ class ForkJoinOptions:
       joined "truncated"); at the join time every open fork joins with the children
       finished so far (the rest "pruned", note "early join: deadline") and later forks are
       refused (note "fork refused: deadline"), so the root can still write its answer;
-      `END_STEPS` steps before the budget the request ends with what the root has
-      (`finish_reason="deadline"`).
+      `END_STEPS` steps (and the recent slowest step) before the budget the request ends
+      with what the root has (`finish_reason="deadline"`).
     """
 
     protocol: str = "multiverse"
