@@ -16,15 +16,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-# Debian packages the tests use: a real Prometheus server (and promtool) for the metrics tests.
-APT_PACKAGES := prometheus
+# Debian packages the tests use: a real Prometheus server (and promtool) for the metrics
+# tests; Go with sprig and yaml.v3 to render the Helm chart (helm/render: there is no helm here).
+APT_PACKAGES := prometheus golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
+GOCODE := /usr/share/gocode/src
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install test lint serve bench system-packages
 install: $(VENV)/.installed
 
 system-packages:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v go >/dev/null && \
+		[ -d $(GOCODE)/github.com/Masterminds/sprig ] && [ -d $(GOCODE)/gopkg.in/yaml.v3 ] || \
 		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES))
 
 lint: install

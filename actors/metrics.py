@@ -2,7 +2,9 @@
 protocol, and small fixed sets like outcome or kind — never request ids).
 
 Each process that records metrics serves them itself (`serve_metrics(port)`): the HTTP
-ingress on the metrics base port, replica i on base + 1 + i. `targets_file()` writes
+ingress on the metrics base port, each replica on the first port free on its machine from
+base + 1 (one machine with n replicas: base + 1 ... base + n; a Kubernetes pod with k
+replicas: base + 1 ... base + k, whatever their ids). `targets_file()` writes
 those addresses as a Prometheus `file_sd_configs` target list (see
 `dashboards/prometheus.yml`).
 
@@ -53,9 +55,17 @@ TRANSFER_SECONDS = Counter("braid_kv_transfer_seconds", "Time spent sending pref
 PLACED = Counter("braid_children_placed", "Forked children by where they ran", ["model", "replica", "where"])
 
 
-def serve_metrics(port: int) -> None:
-    """Serve this process's metrics on http://0.0.0.0:port/metrics."""
-    start_http_server(port)
+def serve_metrics(port: int, tries: int = 1) -> int:
+    """Serve this process's metrics on http://0.0.0.0:p/metrics, p the first port from `port`
+    (of `tries`) that is free; returns p."""
+    for p in range(port, port + tries):
+        try:
+            start_http_server(p)
+            return p
+        except OSError:
+            if p == port + tries - 1:
+                raise
+    raise ValueError(f"tries must be >= 1, got {tries}")
 
 
 def targets_file(path: Path, host: str, ports: list[int], model: str) -> None:

@@ -45,6 +45,7 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Thread
 from engine.threads import ForkJoinOptions, ThreadNode
 
+REPLICA_METRICS_PORTS = 64  # replicas on one machine, at most, that get a metrics port each
 # Task hooks for the join: (verifier, success test). "none" joins by the protocol alone.
 TASKS = {"none": (None, None), "countdown": (verify_claim, claims_found)}
 LOAD_REFRESH_S = 0.05  # how often a replica reads its peers' loads
@@ -118,15 +119,15 @@ class ReplicaWorker:
         task: str = "none", capacity: int = 16, torch_threads: int = 0, metrics_port: int | None = None,
     ) -> None:  # fmt: skip
         """`capacity`: live threads this replica takes before its forks spill to peers;
-        `metrics_port`: where this process serves its Prometheus metrics (None: not served)."""
+        `metrics_port`: the first port to try for this process's Prometheus metrics (it takes the
+        first free one of REPLICA_METRICS_PORTS; None: not served)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
         self.labels = {"model": Path(model_path).name, "replica": str(replica_id)}
-        if metrics_port is not None:
-            metrics.serve_metrics(metrics_port)
+        self.metrics_port = None if metrics_port is None else metrics.serve_metrics(metrics_port, REPLICA_METRICS_PORTS)
         for counter in (metrics.TOKENS, metrics.PREFIX_HITS, metrics.TRANSFER_BYTES, metrics.TRANSFER_SECONDS):
             counter.labels(**self.labels)  # each series exists (at 0) from the start
         for where in ("local", "cached", "transfer", "recompute"):

@@ -26,7 +26,7 @@ class ClusterConfig:
     kv_transfer: bool = True  # send a fork's prefix KV to other replicas (else they recompute it)
     retry_within_s: float = 60.0  # a request whose replica died is retried elsewhere within this time
     max_requests: int = 256  # in flight across the cluster; more are refused with HTTP 429
-    metrics_port: int | None = None  # replica i serves Prometheus metrics on metrics_port + 1 + i
+    metrics_port: int | None = None  # the ingress's Prometheus port; replicas take the next free ones
     detached: bool = False  # actors outlive the driver that started them (Serve deployments)
 
     def __post_init__(self) -> None:
@@ -43,10 +43,10 @@ def start(config: ClusterConfig) -> Any:
     device = "cuda" if config.replica_gpus else "cpu"
     threads = 0 if config.replica_gpus else max(1, int(config.replica_cpus))  # torch threads = its cores
     lifetime = "detached" if config.detached else None
-    ports = [None if config.metrics_port is None else config.metrics_port + 1 + i for i in range(config.num_replicas)]
+    port = None if config.metrics_port is None else config.metrics_port + 1  # each replica takes the first free one
     replicas = [
         Replica.options(num_cpus=config.replica_cpus, num_gpus=config.replica_gpus, lifetime=lifetime).remote(
-            i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, ports[i]
+            i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, port
         )
         for i in range(config.num_replicas)
     ]

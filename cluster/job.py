@@ -130,16 +130,25 @@ def run(inputs: Path, output: Path, coordinator: Any, concurrency: int, progress
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--replicas", type=int, default=1, help="replicas to start if no cluster is running")
+    parser.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per replica it starts (1 on GPU nodes)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica it starts")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded Countdown model)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     ray.init(ignore_reinit_error=True)  # under `ray job submit`: the job's cluster; else a local one
-    config = ClusterConfig(num_replicas=args.replicas, **({"model_path": args.model} if args.model else {}))
+    config = ClusterConfig(
+        num_replicas=args.replicas, replica_gpus=args.replica_gpus, replica_cpus=args.replica_cpus,
+        **({"model_path": args.model} if args.model else {}),
+    )  # fmt: skip
     summary = run(args.input, args.output, connect_or_start(config), args.concurrency)
     print(json.dumps(summary))
 

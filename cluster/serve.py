@@ -324,17 +324,25 @@ class BraidAPI:
 
 
 COUNTDOWN_DEFAULTS = {"protocol": "threadweaver", "join_policy": "first_success"}
+REQUEST_DEFAULTS = ("protocol", "join_policy", "max_latency_s", "max_threads", "max_depth")
 
 
-def build(args: dict[str, str]) -> serve.Application:
-    """`serve run cluster.serve:build key=value ...`: ClusterConfig fields as arguments."""
+def build(args: dict[str, Any]) -> serve.Application:
+    """`serve run cluster.serve:build key=value ...`: ClusterConfig fields as arguments; in a
+    Serve config file also `defaults`, a mapping of request options (REQUEST_DEFAULTS) that
+    apply when a request gives none."""
+    args = dict(args)
+    defaults = args.pop("defaults", None) or {}
+    if not isinstance(defaults, dict) or set(defaults) - set(REQUEST_DEFAULTS):
+        raise ValueError(f"defaults must be a mapping of {', '.join(REQUEST_DEFAULTS)}; got {defaults!r}")
+    BraidFields(**defaults).options({})  # checked as a request's own options would be
     fields = ClusterConfig.__dataclass_fields__
     unknown = set(args) - set(fields)
     if unknown:
         raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; known: {', '.join(fields)}")
     typed = {k: _parse(fields[k].type, v) for k, v in args.items()}
     config = ClusterConfig(**{"detached": True, **typed})
-    return BraidAPI.bind(config, COUNTDOWN_DEFAULTS if config.task == "countdown" else {})
+    return BraidAPI.bind(config, {**(COUNTDOWN_DEFAULTS if config.task == "countdown" else {}), **defaults})
 
 
 def _parse(kind: Any, value: str) -> Any:
@@ -354,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--metrics-port", type=int, default=9400, help="ingress; replica i on +1+i")
+    parser.add_argument("--metrics-port", type=int, default=9400, help="ingress; replicas on the next free ports")
     parser.add_argument("--targets", type=Path, default=Path("/tmp/braid/prometheus-targets.json"))
     args = parser.parse_args(argv)
     for name, value in PATIENT_SERVE.items():

@@ -1,6 +1,6 @@
 """Writes Braid's Grafana dashboards (JSON) from the panel lists below.
 
-    python -m dashboards.build      # rewrites dashboards/*.json
+    python -m dashboards.build      # rewrites dashboards/*.json and the Helm chart's copies
 
 Each dashboard uses a `datasource` variable (any Prometheus), and every panel's query
 uses only `braid_*` metrics and `up`. tests/test_metrics.py evaluates every query against
@@ -93,7 +93,17 @@ def render() -> dict[str, str]:
     }
 
 
-if __name__ == "__main__":
+CHART_FILES = HERE.parent / "helm" / "braid" / "files"  # the Helm chart's copies (a chart reads only its own folder)
+
+
+def write() -> None:
+    """The dashboards here and in the chart; the alert rules copied into the chart."""
     for name, text in render().items():
-        (HERE / name).write_text(text)
-        print(f"wrote dashboards/{name}")
+        for folder in (HERE, CHART_FILES / "dashboards"):
+            (folder / name).write_text(text)
+    (CHART_FILES / "alerts.yml").write_text((HERE / "alerts.yml").read_text())
+    print(f"wrote dashboards/*.json and their copies under {CHART_FILES.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    write()
