@@ -22,7 +22,7 @@ APT_PACKAGES := prometheus golang-go golang-github-masterminds-sprig-dev golang-
 GOCODE := /usr/share/gocode/src
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test lint serve bench system-packages
+.PHONY: install test lint serve bench chart system-packages
 install: $(VENV)/.installed
 
 system-packages:
@@ -47,3 +47,7 @@ bench: install
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.forkjoin
 	$(BIN)/python -m bench.cluster
+
+# The Helm chart's manifests without a helm binary (Go + sprig): make chart ARGS="-f helm/braid/values-gpu.yaml"
+chart: system-packages
+	GO111MODULE=off GOPATH=/usr/share/gocode go run ./helm/render --chart helm/braid $(ARGS)

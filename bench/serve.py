@@ -19,15 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import ray
 import requests
 from ray import serve
 
 from actors.coordinator import free_port
+from cluster.auth import Access
 from cluster.config import ClusterConfig
 from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
 from countdown import problems
@@ -51,9 +55,14 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(BraidAPI.bind(ClusterConfig(), COUNTDOWN_DEFAULTS), name="braid")
+        key = secrets.token_urlsafe(32)
+        keys_file = Path(tempfile.mkdtemp()) / "api_keys"
+        keys_file.write_text(key + "\n")  # the HTTP path checks an API key, as a real deployment does
+        serve.run(BraidAPI.bind(ClusterConfig(), COUNTDOWN_DEFAULTS, Access(keys_file=str(keys_file))), name="braid")
         url = f"http://127.0.0.1:{port}/v1/completions"
+        auth = {"Authorization": f"Bearer {key}"}
         session = requests.Session()
+        session.headers.update(auth)
         coordinator = ray.get_actor("braid-coordinator", namespace="braid")
         short = {"prompt": "44 12 8 3>43\n", "max_tokens": 8}
         options = {**COUNTDOWN_DEFAULTS, "max_total_tokens": 8, "sampling": {"max_new_tokens": 8}}
@@ -79,7 +88,7 @@ def main() -> None:
 
         def complete(prompt: str, budget: float | None = None) -> tuple[int, dict]:
             body = {"prompt": prompt, "max_tokens": 1200, **({"max_latency_s": budget} if budget else {})}
-            reply = requests.post(url, json=body, timeout=600)  # a session is not shared across threads
+            reply = requests.post(url, json=body, headers=auth, timeout=600)  # a session is not shared across threads
             return reply.status_code, reply.json()
 
         unloaded = {p: complete(p)[1]["braid"]["latency_s"] for p in prompts}

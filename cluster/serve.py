@@ -14,15 +14,21 @@ carries `braid`: the thread tree, critical-path tokens, and whether its latency 
 was met. A streamed answer sends thread events (`{"braid": {"event": "forked", ...}}`,
 with no choices) between its text chunks, and the tree and usage in its last chunk.
 
+Access: `/v1/*` needs `Authorization: Bearer <API key>` (see `cluster.auth`; off only on
+loopback with `braid serve --no-auth`); each key has at most `max_in_flight_per_key`
+requests in flight. Health and readiness are open (Kubernetes probes).
+
 Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`): 400 for a
-malformed body, a bad option or a prompt over the limit, 404 for an unknown model, 429
-when the cluster is full and 503 when a latency budget cannot be met (both refused at
-once, never queued), 500 when a replica fails.
+malformed body, a bad option or a prompt over the limit, 401 for a missing or wrong API
+key, 404 for an unknown model, 429 when the cluster is full or the key has too many
+requests in flight and 503 when a latency budget cannot be met (refused at once, never
+queued), 500 when a replica fails.
 """
 
 import argparse
 import json
 import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,6 +45,7 @@ from tokenizers import Tokenizer
 
 from actors import metrics
 from actors.coordinator import Refused
+from cluster.auth import KEYS_ENV, KEYS_FILE_ENV, MAX_IN_FLIGHT_PER_KEY, Access, ApiKeys, Denied, read_keys
 from cluster.config import ClusterConfig, connect_or_start
 from engine.protocols import PROTOCOLS
 from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
@@ -223,7 +230,8 @@ class Shape:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class BraidAPI:
-    def __init__(self, config: ClusterConfig, defaults: dict[str, Any]) -> None:
+    def __init__(self, config: ClusterConfig, defaults: dict[str, Any], access: Access) -> None:
+        self.keys = ApiKeys(access)  # first: a server nobody may call must not start
         self.config = config
         self.model = api.state.model = Path(config.model_path).name
         self.defaults = defaults
@@ -245,18 +253,40 @@ class BraidAPI:
         return JSONResponse({"status": "ready", "replicas": replicas})
 
     @api.get("/v1/models")
-    def models(self) -> dict:
+    def models(self, authorization: str | None = Header(None)) -> dict:
+        self._release(self._admit(authorization))
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "braid"}]}
 
     @api.post("/v1/completions")
-    async def completions(self, body: CompletionRequest) -> Any:
-        return await self._answer(body, body.prompt, chat=False)
+    async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)) -> Any:
+        return await self._answer(body, body.prompt, chat=False, key=self._admit(authorization))
 
     @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest) -> Any:
-        return await self._answer(body, body.prompt(), chat=True)
+    async def chat(self, body: ChatRequest, authorization: str | None = Header(None)) -> Any:
+        return await self._answer(body, body.prompt(), chat=True, key=self._admit(authorization))
 
-    async def _answer(self, body: BraidFields, prompt: str, chat: bool) -> Any:
+    def _admit(self, authorization: str | None) -> str | None:
+        try:
+            return self.keys.admit(authorization)
+        except Denied as denied:
+            metrics.ERRORS.labels(self.model, "unauthorized" if denied.status == 401 else "key_busy").inc()
+            kind = "authentication_error" if denied.status == 401 else "rate_limit_error"
+            raise ApiError(denied.status, denied.message, kind) from None
+
+    def _release(self, key: str | None) -> None:
+        self.keys.release(key)
+
+    async def _answer(self, body: BraidFields, prompt: str, chat: bool, key: str | None) -> Any:
+        """The answer; `key` (admitted) is released when it is complete, for a stream at its end."""
+        response = None
+        try:
+            response = await self._respond(body, prompt, chat, key)
+            return response
+        finally:
+            if not isinstance(response, StreamingResponse):
+                self._release(key)
+
+    async def _respond(self, body: BraidFields, prompt: str, chat: bool, key: str | None) -> Any:
         if body.model is not None and body.model != self.model:
             raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.model!r}",
                            param="model")  # fmt: skip
@@ -269,7 +299,7 @@ class BraidAPI:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         shape = Shape(request_id, self.model, chat, options)
         if body.stream:
-            return StreamingResponse(self._stream(prompt, options, shape), media_type="text/event-stream")
+            return StreamingResponse(self._stream(prompt, options, shape, key), media_type="text/event-stream")
         try:
             result = await self.coordinator.generate.remote(prompt, options)
         except ray.exceptions.RayError as error:
@@ -277,7 +307,7 @@ class BraidAPI:
         self._observe(result, options)
         return shape.response(result)
 
-    async def _stream(self, prompt: str, options: dict, shape: Shape) -> AsyncIterator[str]:
+    async def _stream(self, prompt: str, options: dict, shape: Shape, key: str | None) -> AsyncIterator[str]:
         try:
             async for ref in self.coordinator.stream.remote(prompt, options):
                 event = await ref
@@ -294,6 +324,8 @@ class BraidAPI:
         except ray.exceptions.RayError as error:
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
+        finally:
+            self._release(key)
         yield "data: [DONE]\n\n"
 
     def _failed(self, error: BaseException, options: dict) -> ApiError:
@@ -328,11 +360,13 @@ REQUEST_DEFAULTS = ("protocol", "join_policy", "max_latency_s", "max_threads", "
 
 
 def build(args: dict[str, Any]) -> serve.Application:
-    """`serve run cluster.serve:build key=value ...`: ClusterConfig fields as arguments; in a
-    Serve config file also `defaults`, a mapping of request options (REQUEST_DEFAULTS) that
-    apply when a request gives none."""
+    """`serve run cluster.serve:build key=value ...`: ClusterConfig fields as arguments, and
+    `max_in_flight_per_key`; in a Serve config file also `defaults`, a mapping of request
+    options (REQUEST_DEFAULTS) that apply when a request gives none. API keys are always
+    required here, read where the app runs (see `cluster.auth`)."""
     args = dict(args)
     defaults = args.pop("defaults", None) or {}
+    access = Access(max_in_flight_per_key=int(args.pop("max_in_flight_per_key", MAX_IN_FLIGHT_PER_KEY)))
     if not isinstance(defaults, dict) or set(defaults) - set(REQUEST_DEFAULTS):
         raise ValueError(f"defaults must be a mapping of {', '.join(REQUEST_DEFAULTS)}; got {defaults!r}")
     BraidFields(**defaults).options({})  # checked as a request's own options would be
@@ -342,7 +376,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; known: {', '.join(fields)}")
     typed = {k: _parse(fields[k].type, v) for k, v in args.items()}
     config = ClusterConfig(**{"detached": True, **typed})
-    return BraidAPI.bind(config, {**(COUNTDOWN_DEFAULTS if config.task == "countdown" else {}), **defaults})
+    return BraidAPI.bind(config, {**(COUNTDOWN_DEFAULTS if config.task == "countdown" else {}), **defaults}, access)
 
 
 def _parse(kind: Any, value: str) -> Any:
@@ -356,6 +390,19 @@ def _parse(kind: Any, value: str) -> Any:
     return value
 
 
+GENERATED_KEY_FILE = Path("/tmp/braid/api_key")
+
+
+def generated_key() -> Path:
+    """A random API key in GENERATED_KEY_FILE (readable by its owner only), kept across restarts."""
+    if not GENERATED_KEY_FILE.exists():
+        GENERATED_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(GENERATED_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return GENERATED_KEY_FILE
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="braid serve", description="Serve Braid over HTTP (OpenAI API).")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded Countdown model)")
@@ -364,7 +411,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=9400, help="ingress; replicas on the next free ports")
     parser.add_argument("--targets", type=Path, default=Path("/tmp/braid/prometheus-targets.json"))
+    parser.add_argument("--api-keys-file", type=Path, default=None,
+                        help=f"API keys, one per line (default: ${KEYS_FILE_ENV}, ${KEYS_ENV}, else one generated "
+                             f"into {GENERATED_KEY_FILE})")  # fmt: skip
+    parser.add_argument("--no-auth", action="store_true", help="no API keys (only with a loopback --host)")
+    parser.add_argument("--max-in-flight-per-key", type=int, default=MAX_IN_FLIGHT_PER_KEY)
     args = parser.parse_args(argv)
+    keys_file = None if args.no_auth else args.api_keys_file or (None if read_keys(None) else generated_key())
+    access = Access(not args.no_auth, keys_file and str(keys_file), args.max_in_flight_per_key)
+    try:
+        access.check_host(args.host)
+        ApiKeys(access)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     for name, value in PATIENT_SERVE.items():
         os.environ.setdefault(name, value)
     ray.init(ignore_reinit_error=True)  # the cluster `ray start` runs here, or a new local one
@@ -372,12 +431,14 @@ def main(argv: list[str] | None = None) -> None:
         num_replicas=args.replicas, metrics_port=args.metrics_port, **({"model_path": args.model} if args.model else {})
     )
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS if config.task == "countdown" else {}), name="braid")
+    serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS if config.task == "countdown" else {}, access), name="braid")
     ports = [args.metrics_port + i for i in range(args.replicas + 1)]
     metrics.targets_file(args.targets, "127.0.0.1", ports, Path(config.model_path).name)
     url = f"http://{args.host}:{args.port}"
     print(f"Braid is serving {Path(config.model_path).name} at {url}/v1 ({args.replicas} replica(s)).")
-    print(f"  try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+    auth = "" if args.no_auth else f"-H \"Authorization: Bearer $(cat {keys_file})\" " if keys_file else \
+        "-H \"Authorization: Bearer $BRAID_API_KEY\" "  # fmt: skip
+    print(f"  try: curl {url}/v1/completions {auth}-H 'Content-Type: application/json' "
           f"""-d '{{"prompt": "95 91 78 36>72\\n", "max_tokens": 600}}'""")  # fmt: skip
     print(f"  metrics: {', '.join(f'http://127.0.0.1:{p}/metrics' for p in ports)} (targets: {args.targets})")
     print("  Ctrl-C stops it.")

@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from cluster.auth import KEYS_FILE_ENV
 from cluster.job import build_parser
 from cluster.serve import build
 
@@ -131,6 +132,9 @@ def test_default_values_render_and_validate(renderer: Path) -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"  # Ray's own auth stays on
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "braid-secret", "key": "auth_token"}
+    assert env[KEYS_FILE_ENV]["value"] == "/etc/braid/api_keys"  # where cluster.auth reads the keys
+    (secret,) = by_kind(docs, "Secret")
+    assert len(secret["stringData"]["auth_token"]) == 40 and len(secret["stringData"]["api_keys"]) == 40  # random
 
 
 def test_the_gpu_example_sizes_replicas_by_gpu(renderer: Path) -> None:
@@ -170,9 +174,10 @@ def test_the_serve_config_builds_braids_app(renderer: Path) -> None:
         assert module == build.__module__ and name == build.__name__
         args = {**app["args"], "model_path": str(ROOT / "countdown" / "model")}  # the pods' path is not here
         built = build(args)
-        config, defaults = built._bound_deployment.init_args
+        config, defaults, access = built._bound_deployment.init_args
         assert config.num_replicas == app["args"]["num_replicas"] and config.metrics_port == 9400
         assert defaults["protocol"] == "threadweaver"
+        assert access.required and access.max_in_flight_per_key == 64  # keys from the mounted Secret
         (deployment,) = app["deployments"]
         assert deployment["name"] == "BraidAPI"  # the ingress stays on the head (its custom resource)
 

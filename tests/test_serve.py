@@ -15,23 +15,30 @@ from openai import OpenAI
 from ray import serve
 
 from actors.coordinator import free_port
+from cluster.auth import Access
 from cluster.config import ClusterConfig
 from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
 
 MODEL = Path(__file__).resolve().parents[1] / "countdown" / "model"
 PROMPT = "44 12 8 3>43\n"
+KEYS = ("key-one-" + "a" * 24, "key-two-" + "b" * 24)
+AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 
 
 @pytest.fixture(scope="module")
-def server():
-    """(base URL, metrics port) of a running Braid app."""
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """(base URL, metrics port) of a running Braid app: two API keys, one request in flight per key
+    (every test's requests in a row pass only if each key is released when its request ends)."""
     port, metrics_port = free_port(), free_port()
+    keys_file = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys_file.write_text("# Braid test keys\n" + "\n".join(KEYS) + "\n")
     os.environ.update(PATIENT_SERVE)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ClusterConfig(model_path=str(MODEL), kv_cache_bytes=32 * 2**20, metrics_port=metrics_port)
-        serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS), name="braid")
+        access = Access(keys_file=str(keys_file), max_in_flight_per_key=1)
+        serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS, access), name="braid")
         yield f"http://127.0.0.1:{port}", metrics_port
     finally:
         serve.shutdown()
@@ -39,7 +46,7 @@ def server():
 
 
 def client(server) -> OpenAI:
-    return OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+    return OpenAI(base_url=f"{server[0]}/v1", api_key=KEYS[0], max_retries=0)
 
 
 def test_models_health_and_readiness(server) -> None:
@@ -71,10 +78,11 @@ def test_streaming_sends_thread_events_apart_from_text(server) -> None:
 
 def test_chat_over_raw_http_and_streamed(server) -> None:
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 600}
-    answer = requests.post(f"{server[0]}/v1/chat/completions", json=body, timeout=120).json()
+    answer = requests.post(f"{server[0]}/v1/chat/completions", json=body, headers=AUTH, timeout=120).json()
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
     streamed = {**body, "stream": True}
-    with requests.post(f"{server[0]}/v1/chat/completions", json=streamed, stream=True, timeout=120) as reply:
+    url = f"{server[0]}/v1/chat/completions"
+    with requests.post(url, json=streamed, headers=AUTH, stream=True, timeout=120) as reply:
         lines = [line for line in reply.iter_lines() if line]
     assert lines[-1] == b"data: [DONE]"
     chunks = [json.loads(line[len(b"data: ") :]) for line in lines[:-1]]
@@ -95,9 +103,34 @@ def test_a_latency_budget_is_kept_and_reported_and_an_impossible_one_refused_fas
     assert braid["finish_reason"] in ("stop", "deadline")
     assert took < budget + 1.5  # the documented margin: HTTP, placement, and one engine step past the budget
     start = time.monotonic()
-    refused = requests.post(f"{server[0]}/v1/completions", json={"prompt": PROMPT, "max_latency_s": 1e-4}, timeout=30)
+    impossible = {"prompt": PROMPT, "max_latency_s": 1e-4}
+    refused = requests.post(f"{server[0]}/v1/completions", json=impossible, headers=AUTH, timeout=30)
     assert refused.status_code == 503 and "cannot be met" in refused.json()["error"]["message"]
     assert time.monotonic() - start < 2.0  # refused at once, not queued
+
+
+def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
+    url, body = f"{server[0]}/v1/completions", {"prompt": PROMPT, "max_tokens": 600}
+    wrong = "wrong-key-" + "z" * 22
+    for headers, message in (({}, "missing API key"), ({"Authorization": f"Bearer {wrong}"}, "invalid API key")):
+        reply = requests.post(url, json=body, headers=headers, timeout=30)
+        assert reply.status_code == 401 and reply.json()["error"]["message"].startswith(message)
+        assert wrong not in reply.text
+    assert requests.get(f"{server[0]}/v1/models", timeout=30).status_code == 401
+    second = {"Authorization": f"Bearer {KEYS[1]}"}
+    assert requests.post(url, json=body, headers=second, timeout=120).status_code == 200  # any listed key
+    # One request in flight per key: while a stream holds the first key, the key is busy (429);
+    # the other key is not, and the first is free again once the stream ends.
+    with requests.post(url, json={**body, "stream": True}, headers=AUTH, stream=True, timeout=120) as held:
+        lines = held.iter_lines()
+        next(line for line in lines if line)  # the stream is under way
+        busy = requests.post(url, json=body, headers=AUTH, timeout=30)
+        assert busy.status_code == 429 and "in flight" in busy.json()["error"]["message"]
+        assert requests.post(url, json=body, headers=second, timeout=120).status_code == 200
+        assert [line for line in lines if line][-1] == b"data: [DONE]"
+    assert requests.post(url, json=body, headers=AUTH, timeout=120).status_code == 200
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())  # Serve's access and replica logs
+    assert not any(wrong in f.read_text(errors="ignore") for f in logs.rglob("*") if f.is_file())
 
 
 @pytest.mark.parametrize(
@@ -119,7 +152,7 @@ def test_a_latency_budget_is_kept_and_reported_and_an_impossible_one_refused_fas
 def test_bad_requests_get_a_clear_4xx_and_the_service_goes_on(server, body, status: int, message: str) -> None:
     data = body if isinstance(body, str) else json.dumps(body)
     reply = requests.post(
-        f"{server[0]}/v1/completions", data=data, headers={"Content-Type": "application/json"}, timeout=30
+        f"{server[0]}/v1/completions", data=data, headers={**AUTH, "Content-Type": "application/json"}, timeout=30
     )
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
@@ -186,8 +219,8 @@ def test_a_real_prometheus_scrapes_the_app_and_every_dashboard_and_alert_query_r
         oai = client(server)
         for _ in range(2):
             oai.completions.create(model="model", prompt=PROMPT, max_tokens=600, extra_body={"max_latency_s": 60})
-        requests.post(f"{base_url}/v1/completions", json={"prompt": PROMPT, "max_latency_s": 1e-4}, timeout=30)
-        requests.post(f"{base_url}/v1/completions", json={"prompt": PROMPT, "protocol": "x"}, timeout=30)
+        for body in ({"prompt": PROMPT, "max_latency_s": 1e-4}, {"prompt": PROMPT, "protocol": "x"}):
+            requests.post(f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=30)
         time.sleep(4)  # a few more scrapes
         for title, panels in DASHBOARDS.items():
             for name, _unit, queries in panels:
