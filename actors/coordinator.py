@@ -94,7 +94,8 @@ class Coordinator:
 
     async def stream(self, prompt: str, options: dict[str, Any] | None = None):
         """The request's events as they happen (see `Replica.generate_stream`); no retry once
-        streaming has begun: a failed replica ends the stream with an error event."""
+        streaming has begun: a failed replica ends the stream with an error event. Cancelled
+        (its caller went away), Ray cancels the replica's stream too, which ends the request."""
         index = await self.admit(prompt, options)
         self.placement.started(index)
         try:

@@ -49,6 +49,7 @@ REPLICA_METRICS_PORTS = 64  # replicas on one machine, at most, that get a metri
 # Task hooks for the join: (verifier, success test). "none" joins by the protocol alone.
 TASKS = {"none": (None, None), "countdown": (verify_claim, claims_found)}
 LOAD_REFRESH_S = 0.05  # how often a replica reads its peers' loads
+STREAM_BATCH_S = 0.02  # a stream's events go out in batches at most this often (text runs merged)
 GAUGES_EVERY_S = 0.5  # how often the KV and queue gauges are set
 
 
@@ -97,6 +98,17 @@ class _Stream:
                 self.events.put({"type": "thread", "event": event, "thread_id": node.thread_id,
                                  "parent_id": node.parent_id, "depth": node.depth, "spawn": node.spawn})  # fmt: skip
             self.status[node.thread_id] = node.status
+
+    def take(self) -> list[dict]:
+        """Every queued event (waiting for the first), runs of text merged into one."""
+        events = [self.events.get()]
+        while not self.events.empty():
+            event = self.events.get_nowait()
+            if event["type"] == "text" and events[-1]["type"] == "text":
+                events[-1] = {"type": "text", "text": events[-1]["text"] + event["text"]}
+            else:
+                events.append(event)
+        return events
 
 
 class RayRemoteChild:
@@ -170,7 +182,8 @@ class ReplicaWorker:
     def generate_stream(self, prompt: str, options: dict[str, Any] | None = None) -> Iterator[dict]:
         """The same request, as events while it runs: `{"type": "text", "text": delta}` for the
         root's new text, `{"type": "thread", ...}` when a thread forks or ends, and last
-        `{"type": "result", "result": {...}}`."""
+        `{"type": "result", "result": {...}}`. Closed before its end (its reader was cancelled:
+        the client went away), it cancels the request."""
         opts = options_from_dict(options or {})
         start = time.perf_counter()
         stream = _Stream()
@@ -178,13 +191,25 @@ class ReplicaWorker:
             request_id = self.forkjoin.submit(prompt, opts)
             self._streams[request_id] = stream
         self._wake.set()
-        while True:
-            event = stream.events.get()
-            if event["type"] == "result":
-                event["result"].update(replica=self.replica_id, latency_s=time.perf_counter() - start)
-                yield event
-                return
-            yield event
+        ended = False
+        try:
+            while True:
+                sent = time.perf_counter()
+                for event in stream.take():
+                    if event["type"] == "result":
+                        ended = True
+                        event["result"].update(replica=self.replica_id, latency_s=time.perf_counter() - start)
+                        yield event
+                        return
+                    yield event
+                # At most one batch per STREAM_BATCH_S: a stream is a few dozen messages a second,
+                # not one per engine step, whoever reads it and however fast.
+                time.sleep(max(0.0, STREAM_BATCH_S - (time.perf_counter() - sent)))
+        finally:
+            if not ended:  # closed early: its reader was cancelled (Ray closes the generator)
+                with self._lock:
+                    self.forkjoin.cancel(request_id)
+                self._wake.set()
 
     def run_child(
         self, key: str, context: list[int], options: dict[str, Any], depth: int, request_prompt: str,
@@ -412,3 +437,9 @@ class Replica(ReplicaWorker):
 
     def load_dict(self) -> dict:
         return asdict(self.load())
+
+    def cache_report(self) -> dict:
+        """The KV cache checked (`check_integrity()` raises on any inconsistency), and its figures."""
+        with self._lock:
+            self.engine.cache.check_integrity()
+            return asdict(self.engine.cache.stats())

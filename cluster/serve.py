@@ -55,6 +55,7 @@ from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
 PATIENT_SERVE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 MAX_PROMPT_TOKENS = 4096
 MAX_TOKENS = 8192
+MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413) before it is parsed
 
 
 class BraidFields(BaseModel):
@@ -134,6 +135,21 @@ def bad_request(request: Request) -> None:
     metrics.ERRORS.labels(getattr(request.app.state, "model", ""), "bad_request").inc()
 
 
+@api.middleware("http")
+async def _limit_body(request: Request, call_next: Any) -> Any:
+    """Refuse a POST body over MAX_BODY_BYTES by its declared length, before it is read; a POST
+    must declare it (411), so that no body is read unbounded."""
+    if request.method == "POST":
+        declared = request.headers.get("content-length", "")
+        if not declared.isdigit():
+            bad_request(request)
+            return error_response(411, "a Content-Length header is required", "invalid_request_error")
+        if int(declared) > MAX_BODY_BYTES:
+            bad_request(request)
+            return error_response(413, f"the request body is over {MAX_BODY_BYTES} bytes", "invalid_request_error")
+    return await call_next(request)
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     bad_request(request)
@@ -145,7 +161,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    if exc.status < 500 and exc.status != 429 and exc.status != 503:
+    if exc.status in (400, 404):  # 401 and 429 are counted where they are raised
         bad_request(request)
     return error_response(exc.status, exc.message, exc.kind, exc.param)
 
@@ -308,6 +324,10 @@ class BraidAPI:
         return shape.response(result)
 
     async def _stream(self, prompt: str, options: dict, shape: Shape, key: str | None) -> AsyncIterator[str]:
+        """The stream. When the client goes away mid-stream, Serve cancels this request, and Ray
+        the tasks it started (recursively) down to the replica's stream, which cancels the
+        request there: its threads stop and their KV is freed."""
+        ended = False
         try:
             async for ref in self.coordinator.stream.remote(prompt, options):
                 event = await ref
@@ -321,11 +341,15 @@ class BraidAPI:
                 else:
                     self._observe(event["result"], options)
                     yield sse(shape.last_chunk(event["result"]))
+            ended = True
         except ray.exceptions.RayError as error:
+            ended = True
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
         finally:
             self._release(key)
+            if not ended:
+                metrics.ERRORS.labels(self.model, "client_gone").inc()
         yield "data: [DONE]\n\n"
 
     def _failed(self, error: BaseException, options: dict) -> ApiError:

@@ -133,6 +133,23 @@ def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
     assert not any(wrong in f.read_text(errors="ignore") for f in logs.rglob("*") if f.is_file())
 
 
+def test_a_client_gone_mid_stream_has_its_threads_cancelled_and_kv_freed(server) -> None:
+    # This prompt and seed make the model write 4000 tokens (~9 s here) unless it is stopped.
+    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 1, "stream": True}
+    replica = ray.get(ray.get_actor("braid-coordinator", namespace="braid").replica.remote(0))
+    reply = requests.post(f"{server[0]}/v1/completions", json=body, headers=AUTH, stream=True, timeout=60)
+    next(line for line in reply.iter_lines() if line)  # under way
+    assert ray.get(replica.load_dict.remote())["running"] > 0
+    reply.close()  # the client goes away
+    start = time.monotonic()
+    while ray.get(replica.load_dict.remote())["running"] or ray.get(replica.cache_report.remote())["used_blocks"]:
+        assert time.monotonic() - start < 5, "the stream's threads still run after its client left"
+        time.sleep(0.1)
+    metrics_text = requests.get(f"http://127.0.0.1:{server[1]}/metrics", timeout=10).text
+    assert 'braid_errors_total{kind="client_gone",model="model"} 1.0' in metrics_text
+    assert requests.post(f"{server[0]}/v1/completions", json={"prompt": PROMPT}, headers=AUTH, timeout=120).ok
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
@@ -144,6 +161,7 @@ def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
         ({"prompt": PROMPT, "join_policy": "best"}, 400, "unknown join_policy"),
         ({"prompt": PROMPT, "max_tokens": 10**9}, 400, "max_tokens"),
         ({"prompt": "1 " * 5000}, 400, "over 4096 tokens"),
+        ({"prompt": "1" * (1 << 20)}, 413, "body is over 1048576 bytes"),
         ({"prompt": PROMPT, "n": 3}, 400, "n"),
         ({"prompt": PROMPT, "max_thread": 3}, 400, "max_thread"),  # a misspelt option is not ignored
         ({"max_tokens": 5}, 400, "prompt"),
@@ -158,6 +176,12 @@ def test_bad_requests_get_a_clear_4xx_and_the_service_goes_on(server, body, stat
     error = reply.json()["error"]
     assert message in error["message"] and error["code"] == status
     assert requests.get(f"{server[0]}/readyz", timeout=30).status_code == 200
+
+
+def test_a_body_of_unknown_length_is_refused_before_it_is_read(server) -> None:
+    chunked = (part.encode() for part in ['{"prompt": ', json.dumps(PROMPT), "}"])  # no Content-Length
+    reply = requests.post(f"{server[0]}/v1/completions", data=chunked, headers=AUTH, timeout=30)
+    assert reply.status_code == 411 and "Content-Length" in reply.json()["error"]["message"]
 
 
 def prometheus_query(base: str, query: str) -> list:
