@@ -54,7 +54,7 @@ def free_address(host: str) -> str:
     return f"tcp://{host}:{free_port()}"
 
 
-@ray.remote(num_cpus=0)  # it only waits on replicas: it takes no core from them
+@ray.remote(num_cpus=0, max_restarts=-1)  # it only waits on replicas: no core; restarted whenever it dies
 class Coordinator:
     """Async actor: many requests in flight, each awaiting its replica."""
 

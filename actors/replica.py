@@ -438,6 +438,10 @@ class Replica(ReplicaWorker):
     def load_dict(self) -> dict:
         return asdict(self.load())
 
+    def memory_bytes(self) -> int:
+        """This process's resident memory now (Linux: /proc/self/statm)."""
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     def cache_report(self) -> dict:
         """The KV cache checked (`check_integrity()` raises on any inconsistency), and its figures."""
         with self._lock:

@@ -18,29 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import statistics
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import ray
 import requests
-from ray import serve
 
-from actors.coordinator import free_port
-from cluster.auth import Access
-from cluster.config import ClusterConfig
-from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
-from countdown import problems
-from countdown.traces import prompt as countdown_prompt
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+from bench.load import LocalService, countdown_bodies, drive, percentile
+from cluster.serve import COUNTDOWN_DEFAULTS
 
 
 def main() -> None:
@@ -50,20 +35,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
 
-    port = free_port()
-    os.environ.update(PATIENT_SERVE)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        key = secrets.token_urlsafe(32)
-        keys_file = Path(tempfile.mkdtemp()) / "api_keys"
-        keys_file.write_text(key + "\n")  # the HTTP path checks an API key, as a real deployment does
-        serve.run(BraidAPI.bind(ClusterConfig(), COUNTDOWN_DEFAULTS, Access(keys_file=str(keys_file))), name="braid")
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        auth = {"Authorization": f"Bearer {key}"}
+    with LocalService() as service:
+        url = f"{service.url}/v1/completions"
         session = requests.Session()
-        session.headers.update(auth)
-        coordinator = ray.get_actor("braid-coordinator", namespace="braid")
+        session.headers.update(service.auth)  # the HTTP path checks an API key, as a real deployment does
         short = {"prompt": "44 12 8 3>43\n", "max_tokens": 8}
         options = {**COUNTDOWN_DEFAULTS, "max_total_tokens": 8, "sampling": {"max_new_tokens": 8}}
 
@@ -74,7 +49,7 @@ def main() -> None:
 
         def direct() -> float:
             start = time.perf_counter()
-            ray.get(coordinator.generate.remote(short["prompt"], options))
+            ray.get(service.coordinator.generate.remote(short["prompt"], options))
             return time.perf_counter() - start
 
         for _ in range(5):  # warm-up both paths
@@ -84,19 +59,10 @@ def main() -> None:
             http_s.append(over_http())
             direct_s.append(direct())
 
-        prompts = [countdown_prompt(p) for p in problems.splits(0, 0, args.requests)["test"]]
-
-        def complete(prompt: str, budget: float | None = None) -> tuple[int, dict]:
-            body = {"prompt": prompt, "max_tokens": 1200, **({"max_latency_s": budget} if budget else {})}
-            reply = requests.post(url, json=body, headers=auth, timeout=600)  # a session is not shared across threads
-            return reply.status_code, reply.json()
-
-        unloaded = {p: complete(p)[1]["braid"]["latency_s"] for p in prompts}
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            outcomes = list(pool.map(lambda p: complete(p, 2 * unloaded[p]), prompts))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        bodies = countdown_bodies(args.requests, None)
+        unloaded = [o.body["braid"]["latency_s"] for o in drive(service, bodies, 1)]
+        budgeted = [{**body, "max_latency_s": 2 * alone} for body, alone in zip(bodies, unloaded, strict=True)]
+        outcomes = [(o.status, o.body) for o in drive(service, budgeted, args.concurrency)]
 
     admitted = [body for status, body in outcomes if status == 200]
     met = sum(1 for body in admitted if body["braid"]["sla"]["met"])
@@ -106,8 +72,8 @@ def main() -> None:
     print(f"{'path':>12} {'p50':>8} {'p99':>8}")
     print(f"{'HTTP':>12} {1000 * p50_http:>8.1f} {1000 * percentile(http_s, 0.99):>8.1f}")
     print(f"{'coordinator':>12} {1000 * p50_direct:>8.1f} {1000 * percentile(direct_s, 0.99):>8.1f}")
-    print(f"\nSLA: {len(prompts)} forking requests, {args.concurrency} at a time, budget 2x unloaded latency "
-          f"(median unloaded {statistics.median(unloaded.values()):.2f} s)")  # fmt: skip
+    print(f"\nSLA: {len(bodies)} forking requests, {args.concurrency} at a time, budget 2x unloaded latency "
+          f"(median unloaded {statistics.median(unloaded):.2f} s)")  # fmt: skip
     refused = len(outcomes) - len(admitted)
     cut = sum(1 for b in admitted if b["braid"]["finish_reason"] == "deadline")
     print(f"  admitted {len(admitted)}, refused {refused}, met {met}: attainment {attainment:.3f}; "

@@ -12,6 +12,10 @@ from actors.coordinator import COORDINATOR_NAME, NAMESPACE, Coordinator, get_coo
 from actors.replica import TASKS, Replica
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "countdown" / "model")
+# The replicas' handles, held by the process that started them. Ray frees an actor when its
+# last handle goes; without these, a coordinator that dies would take its replicas with it,
+# and the coordinator Ray restarts would find them gone.
+_STARTED_REPLICAS: list[Any] = []
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,6 +55,7 @@ def start(config: ClusterConfig) -> Any:
         for i in range(config.num_replicas)
     ]
     ray.get([r.load_dict.remote() for r in replicas])  # wait until every engine has loaded
+    _STARTED_REPLICAS[:] = replicas
     coordinator = Coordinator.options(
         name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime
     ).remote(replicas, kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,

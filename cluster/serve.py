@@ -56,6 +56,7 @@ PATIENT_SERVE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY
 MAX_PROMPT_TOKENS = 4096
 MAX_TOKENS = 8192
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413) before it is parsed
+MAX_INGRESS_REQUESTS = 4096  # requests one ingress replica takes in at once (admission is the coordinator's)
 
 
 class BraidFields(BaseModel):
@@ -243,7 +244,10 @@ class Shape:
         return {**self._base(True), "choices": [choice], "usage": self.usage(result), "braid": self.braid(result)}
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# Serve's own default (a handful of requests per ingress replica, the rest queued in front of
+# it) would queue requests before Braid's admission control sees them: let them all through,
+# the coordinator answers 429/503 at once past its limits.
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_INGRESS_REQUESTS)
 @serve.ingress(api)
 class BraidAPI:
     def __init__(self, config: ClusterConfig, defaults: dict[str, Any], access: Access) -> None:
@@ -358,6 +362,9 @@ class BraidAPI:
             busy = refused.status == 429
             metrics.ERRORS.labels(self.model, "refused_busy" if busy else "refused_budget").inc()
             return ApiError(refused.status, refused.reason, "rate_limit_error" if busy else "unavailable")
+        if isinstance(error, ray.exceptions.ActorUnavailableError):  # Ray is restarting the coordinator
+            metrics.ERRORS.labels(self.model, "unavailable").inc()
+            return ApiError(503, "the coordinator is restarting; retry in a few seconds", "unavailable")
         metrics.ERRORS.labels(self.model, "replica_failed").inc()
         return ApiError(500, f"the request failed: {str(error).splitlines()[0]}", "server_error")
 

@@ -1,0 +1,168 @@
+"""A bounded load test of Braid over HTTP: many concurrent forking requests on a local Ray
+cluster (loopback only, a fixed number of requests), then every replica's cache checked.
+
+    python -m bench.load [--requests 64] [--concurrency 16] [--replicas 2] [--max-requests 8]
+
+The embedded Countdown model, ThreadWeaver, `first_success`, the verifier; half of the
+requests carry a latency budget (`--budget`, seconds). Peer: the same kind of requests
+sent one at a time (a quarter as many), same cluster, same run: the latency a request
+has alone. Under load, more than `--max-requests` in flight are refused with 429 at once
+(admission), never queued. Afterwards each replica's KV cache must pass
+`check_integrity()` with no block in use and no thread running, and its memory is
+compared with its baseline (taken after a warm-up). Prints a table, then one line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import ray
+import requests
+from ray import serve
+
+from actors.coordinator import free_port, get_coordinator
+from cluster.auth import Access
+from cluster.config import ClusterConfig
+from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
+from countdown import problems
+from countdown.traces import prompt as countdown_prompt
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class LocalService:
+    """Braid's HTTP app on a new local Ray cluster, with one API key (`with LocalService(...) as s`)."""
+
+    def __init__(self, num_cpus: int = 2, metrics: bool = False, **config: Any) -> None:
+        self.num_cpus, self.config = num_cpus, config
+        self.metrics_port = free_port() if metrics else None
+        self.key = secrets.token_urlsafe(32)
+
+    def __enter__(self) -> LocalService:
+        port = free_port()
+        keys_file = Path(tempfile.mkdtemp()) / "api_keys"
+        keys_file.write_text(self.key + "\n")
+        os.environ.update(PATIENT_SERVE)
+        ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ClusterConfig(metrics_port=self.metrics_port, **self.config)
+        serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS, Access(keys_file=str(keys_file))), name="braid")
+        self.url = f"http://127.0.0.1:{port}"
+        self.auth = {"Authorization": f"Bearer {self.key}"}
+        self.coordinator = get_coordinator()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    def replicas(self) -> list[Any]:
+        n = ray.get(self.coordinator.num_replicas.remote())
+        return [ray.get(self.coordinator.replica.remote(i)) for i in range(n)]
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    status: int  # HTTP status; 0: no answer within the client's timeout
+    latency_s: float
+    body: dict
+
+
+def drive(service: LocalService, bodies: list[dict], concurrency: int, timeout_s: float = 300.0) -> list[Outcome]:
+    """POST each body to /v1/completions, `concurrency` at a time; every outcome, in order."""
+
+    def one(body: dict) -> Outcome:
+        start = time.perf_counter()
+        try:
+            reply = requests.post(f"{service.url}/v1/completions", json=body, headers=service.auth, timeout=timeout_s)
+        except requests.Timeout:
+            return Outcome(0, time.perf_counter() - start, {})
+        return Outcome(reply.status_code, time.perf_counter() - start, reply.json())
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, bodies))
+
+
+def countdown_bodies(count: int, budget_s: float | None, seed: int = 0) -> list[dict]:
+    """Forking Countdown requests (test split); every other one with a latency budget."""
+    chosen = problems.splits(0, 0, count + seed)["test"][seed:]
+    bodies = [{"prompt": countdown_prompt(p), "max_tokens": 1200} for p in chosen]
+    for body in bodies[::2] if budget_s else []:
+        body["max_latency_s"] = budget_s
+    return bodies
+
+
+def summary(outcomes: list[Outcome], wall_s: float) -> dict:
+    answered = [o for o in outcomes if o.status == 200]
+    budgeted = [o.body["braid"]["sla"]["met"] for o in answered if o.body["braid"]["sla"]["met"] is not None]
+    latencies = [o.latency_s for o in answered] or [0.0]
+    return {
+        "requests": len(outcomes),
+        "answered": len(answered),
+        "statuses": dict(sorted(Counter(o.status for o in outcomes).items())),
+        "throughput_rps": round(len(answered) / wall_s, 3),
+        "p50_s": round(percentile(latencies, 0.5), 3),
+        "p90_s": round(percentile(latencies, 0.9), 3),
+        "p99_s": round(percentile(latencies, 0.99), 3),
+        "sla_attainment": round(sum(budgeted) / len(budgeted), 3) if budgeted else None,
+    }
+
+
+def memory_mb(replicas: list[Any]) -> list[float]:
+    return [round(ray.get(r.memory_bytes.remote()) / 2**20, 1) for r in replicas]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--max-requests", type=int, default=8, help="the cluster's admission limit")
+    parser.add_argument("--budget", type=float, default=5.0, help="max_latency_s of every other request")
+    args = parser.parse_args()
+
+    config = {"num_replicas": args.replicas, "max_requests": args.max_requests, "kv_cache_bytes": 64 * 2**20}
+    with LocalService(num_cpus=args.replicas, **config) as service:
+        replicas = service.replicas()
+        drive(service, countdown_bodies(2, None, seed=1000), 1)  # warm-up
+        baseline = memory_mb(replicas)
+        start = time.perf_counter()
+        alone = drive(service, countdown_bodies(max(1, args.requests // 4), args.budget, seed=500), 1)
+        alone_stats = summary(alone, time.perf_counter() - start)
+        start = time.perf_counter()
+        loaded = drive(service, countdown_bodies(args.requests, args.budget), args.concurrency)
+        loaded_stats = summary(loaded, time.perf_counter() - start)
+        reports = [ray.get(r.cache_report.remote()) for r in replicas]  # raises if a cache is inconsistent
+        after = memory_mb(replicas)
+
+    print(f"\n{args.requests} forking requests, {args.concurrency} clients, {args.replicas} replicas, "
+          f"admission limit {args.max_requests} in flight; peer: one at a time")  # fmt: skip
+    print(f"{'run':>12} {'answered':>9} {'req/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'SLA met':>8}  statuses")
+    for name, stats in (("alone", alone_stats), ("under load", loaded_stats)):
+        sla = "-" if stats["sla_attainment"] is None else f"{stats['sla_attainment']:.3f}"
+        print(f"{name:>12} {stats['answered']:>9} {stats['throughput_rps']:>7.2f} {stats['p50_s']:>7.2f} "
+              f"{stats['p90_s']:>7.2f} {stats['p99_s']:>7.2f} {sla:>8}  {stats['statuses']}")  # fmt: skip
+    leaked = sum(r["used_blocks"] for r in reports)
+    growth = max(a - b for a, b in zip(after, baseline, strict=True))
+    print(f"after: KV blocks in use {leaked} (integrity checked), replica memory MiB {baseline} -> {after}")
+    print(json.dumps({"bench": "load", **{f"loaded_{k}": v for k, v in loaded_stats.items()},
+                      "alone_p50_s": alone_stats["p50_s"], "leaked_blocks": leaked,
+                      "memory_growth_mb": round(growth, 1)}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
