@@ -7,9 +7,11 @@ The embedded Countdown model, ThreadWeaver, `first_success`, the verifier; half 
 requests carry a latency budget (`--budget`, seconds). Peer: the same kind of requests
 sent one at a time (a quarter as many), same cluster, same run: the latency a request
 has alone. Under load, more than `--max-requests` in flight are refused with 429 at once
-(admission), never queued. Afterwards each replica's KV cache must pass
-`check_integrity()` with no block in use and no thread running, and its memory is
-compared with its baseline (taken after a warm-up). Prints a table, then one line of JSON.
+(admission), never queued; the clients retry a 429 after RETRY_AFTER_S, as clients with
+backoff do, and the refusals are counted. Latency is that of the attempt answered.
+Afterwards each replica's KV cache must pass `check_integrity()` with no block in use and
+no thread running, and its memory is compared with its baseline (taken after a warm-up).
+Prints a table, then one line of JSON.
 """
 
 from __future__ import annotations
@@ -77,21 +79,33 @@ class LocalService:
 
 @dataclass(slots=True, frozen=True)
 class Outcome:
-    status: int  # HTTP status; 0: no answer within the client's timeout
-    latency_s: float
+    status: int  # HTTP status of the last attempt; 0: no answer within the client's timeout
+    latency_s: float  # of the last attempt
     body: dict
+    refusals: int = 0  # 429s answered before it, each retried after RETRY_AFTER_S
 
 
-def drive(service: LocalService, bodies: list[dict], concurrency: int, timeout_s: float = 300.0) -> list[Outcome]:
-    """POST each body to /v1/completions, `concurrency` at a time; every outcome, in order."""
+RETRY_AFTER_S = 0.25
+
+
+def drive(
+    service: LocalService, bodies: list[dict], concurrency: int, timeout_s: float = 300.0, retries: int = 0
+) -> list[Outcome]:
+    """POST each body to /v1/completions, `concurrency` at a time, a 429 retried up to `retries`
+    times (as a client with backoff would); every outcome, in order."""
 
     def one(body: dict) -> Outcome:
-        start = time.perf_counter()
-        try:
-            reply = requests.post(f"{service.url}/v1/completions", json=body, headers=service.auth, timeout=timeout_s)
-        except requests.Timeout:
-            return Outcome(0, time.perf_counter() - start, {})
-        return Outcome(reply.status_code, time.perf_counter() - start, reply.json())
+        for attempt in range(retries + 1):
+            start = time.perf_counter()
+            try:
+                url = f"{service.url}/v1/completions"
+                reply = requests.post(url, json=body, headers=service.auth, timeout=timeout_s)
+            except requests.Timeout:
+                return Outcome(0, time.perf_counter() - start, {}, attempt)
+            if reply.status_code != 429 or attempt == retries:
+                return Outcome(reply.status_code, time.perf_counter() - start, reply.json(), attempt)
+            time.sleep(RETRY_AFTER_S)
+        raise AssertionError("unreachable")
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(one, bodies))
@@ -114,6 +128,7 @@ def summary(outcomes: list[Outcome], wall_s: float) -> dict:
         "requests": len(outcomes),
         "answered": len(answered),
         "statuses": dict(sorted(Counter(o.status for o in outcomes).items())),
+        "refused_then_retried": sum(o.refusals for o in outcomes),
         "throughput_rps": round(len(answered) / wall_s, 3),
         "p50_s": round(percentile(latencies, 0.5), 3),
         "p90_s": round(percentile(latencies, 0.9), 3),
@@ -144,18 +159,20 @@ def main() -> None:
         alone = drive(service, countdown_bodies(max(1, args.requests // 4), args.budget, seed=500), 1)
         alone_stats = summary(alone, time.perf_counter() - start)
         start = time.perf_counter()
-        loaded = drive(service, countdown_bodies(args.requests, args.budget), args.concurrency)
+        loaded = drive(service, countdown_bodies(args.requests, args.budget), args.concurrency, retries=100)
         loaded_stats = summary(loaded, time.perf_counter() - start)
         reports = [ray.get(r.cache_report.remote()) for r in replicas]  # raises if a cache is inconsistent
         after = memory_mb(replicas)
 
     print(f"\n{args.requests} forking requests, {args.concurrency} clients, {args.replicas} replicas, "
           f"admission limit {args.max_requests} in flight; peer: one at a time")  # fmt: skip
-    print(f"{'run':>12} {'answered':>9} {'req/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'SLA met':>8}  statuses")
+    print(f"{'run':>12} {'answered':>9} {'req/s':>7} {'p50 s':>7} {'p90 s':>7} {'p99 s':>7} {'SLA met':>8} "
+          f"{'429s':>5}  statuses")  # fmt: skip
     for name, stats in (("alone", alone_stats), ("under load", loaded_stats)):
         sla = "-" if stats["sla_attainment"] is None else f"{stats['sla_attainment']:.3f}"
         print(f"{name:>12} {stats['answered']:>9} {stats['throughput_rps']:>7.2f} {stats['p50_s']:>7.2f} "
-              f"{stats['p90_s']:>7.2f} {stats['p99_s']:>7.2f} {sla:>8}  {stats['statuses']}")  # fmt: skip
+              f"{stats['p90_s']:>7.2f} {stats['p99_s']:>7.2f} {sla:>8} {stats['refused_then_retried']:>5}  "
+              f"{stats['statuses']}")  # fmt: skip
     leaked = sum(r["used_blocks"] for r in reports)
     growth = max(a - b for a, b in zip(after, baseline, strict=True))
     print(f"after: KV blocks in use {leaked} (integrity checked), replica memory MiB {baseline} -> {after}")

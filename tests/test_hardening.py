@@ -42,16 +42,12 @@ def test_a_bounded_load_is_answered_or_refused_at_once_and_leaves_nothing_behind
     replicas = service.replicas()
     drive(service, countdown_bodies(2, None, seed=1000), 1)  # warm-up
     baseline = memory_mb(replicas)
-    outcomes = drive(service, countdown_bodies(36, 5.0), concurrency=12, timeout_s=240)
-    statuses = Counter(o.status for o in outcomes)
-    assert set(statuses) <= {200, 429}, statuses  # no failure, no timeout (status 0)
-    # 12 clients against a limit of 6: the surplus is refused at once, not queued.
-    assert statuses[429] >= 1 and statuses[200] >= MAX_REQUESTS
+    outcomes = drive(service, countdown_bodies(36, 5.0), concurrency=12, timeout_s=240, retries=400)
+    assert Counter(o.status for o in outcomes) == {200: 36}  # every one answered in the end; none timed out
+    # 12 clients against a limit of 6: the surplus is refused at once (429, retried), not queued.
+    assert sum(o.refusals for o in outcomes) >= 1
     for o in outcomes:
-        if o.status == 429:
-            assert "requests in flight" in o.body["error"]["message"]
-        else:
-            assert o.body["choices"][0]["finish_reason"] in ("stop", "length") and o.body["braid"]["threads"]
+        assert o.body["choices"][0]["finish_reason"] in ("stop", "length") and o.body["braid"]["threads"]
     for replica in replicas:
         report = ray.get(replica.cache_report.remote())  # check_integrity() raises on any inconsistency
         assert report["used_blocks"] == 0, "KV blocks leaked"
