@@ -22,7 +22,7 @@ APT_PACKAGES := prometheus golang-go golang-github-masterminds-sprig-dev golang-
 GOCODE := /usr/share/gocode/src
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test lint serve bench chart system-packages
+.PHONY: install test lint serve demo bench chart system-packages
 install: $(VENV)/.installed
 
 system-packages:
@@ -41,6 +41,10 @@ test: install system-packages lint
 # replica, http://127.0.0.1:8000/v1; Ctrl-C stops it. Options: make serve ARGS="--replicas 2".
 serve: install
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m cluster.serve $(ARGS)
+
+# A minute with Braid: two replicas of the embedded model, live thread trees, timelines.
+demo: install
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m cluster.demo $(ARGS)
 
 bench: install
 	$(BIN)/python -m bench.kv_memory

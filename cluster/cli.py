@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("task", choices=TASKS)
     commands.add_parser("serve", add_help=False, help="serve over HTTP, OpenAI API (python -m cluster.serve)")
+    commands.add_parser("demo", add_help=False, help="a minute with Braid: live thread trees (python -m cluster.demo)")
+    commands.add_parser("trace", add_help=False, help="a request's thread timeline (python -m cluster.timeline)")
     return parser
 
 
@@ -40,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         from cluster.serve import main as serve
 
         serve(rest)
+    elif args.command == "demo":
+        from cluster.demo import main as demo
+
+        demo(rest)
+    elif args.command == "trace":
+        from cluster.timeline import main as trace
+
+        trace(rest)
     else:
         parser.print_help()
     return 0
