@@ -47,6 +47,7 @@ from actors import metrics
 from actors.coordinator import Refused
 from cluster.auth import KEYS_ENV, KEYS_FILE_ENV, MAX_IN_FLIGHT_PER_KEY, Access, ApiKeys, Denied, read_keys
 from cluster.config import ClusterConfig, connect_or_start
+from cluster.timeline import render_svg
 from engine.protocols import PROTOCOLS
 from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
 
@@ -79,6 +80,7 @@ class BraidFields(BaseModel):
     max_depth: int | None = Field(None, ge=0, le=8)
     protocol: str | None = None
     join_policy: str | None = None
+    timeline: bool = False  # the answer's `braid.timeline_svg`: its thread timeline as an SVG picture
 
     def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """Braid options for the coordinator (a ValueError names a bad value)."""
@@ -189,8 +191,8 @@ def sse(payload: dict) -> str:
 class Shape:
     """OpenAI's response and chunk objects for one request."""
 
-    def __init__(self, request_id: str, model: str, chat: bool, options: dict) -> None:
-        self.id, self.model, self.chat, self.options = request_id, model, chat, options
+    def __init__(self, request_id: str, model: str, chat: bool, options: dict, timeline: bool = False) -> None:
+        self.id, self.model, self.chat, self.options, self.timeline = request_id, model, chat, options, timeline
         self.created = int(time.time())
         self.started = False
 
@@ -210,7 +212,7 @@ class Shape:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
 
     def braid(self, result: dict) -> dict:
-        return {
+        braid = {
             "finish_reason": result["finish_reason"],
             "latency_s": result["latency_s"],
             "replica": result["replica"],
@@ -218,6 +220,9 @@ class Shape:
             "sla": {"max_latency_s": self.options.get("max_latency_s"), "met": sla_met(result, self.options)},
             "threads": result["threads"],
         }
+        if self.timeline:
+            braid["timeline_svg"] = render_svg(result)
+        return braid
 
     @staticmethod
     def usage(result: dict) -> dict:
@@ -317,7 +322,7 @@ class BraidAPI:
         except ValueError as error:
             raise ApiError(400, str(error)) from error
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        shape = Shape(request_id, self.model, chat, options)
+        shape = Shape(request_id, self.model, chat, options, body.timeline)
         if body.stream:
             return StreamingResponse(self._stream(prompt, options, shape, key), media_type="text/event-stream")
         try:

@@ -63,6 +63,10 @@ def test_completion_through_the_openai_client_carries_the_thread_tree(server) ->
     assert len(braid["threads"]) > 1 and braid["threads"][0]["parent_id"] is None  # it forked
     assert done.usage.completion_tokens == sum(t["generated_tokens"] for t in braid["threads"])
     assert braid["sla"] == {"max_latency_s": None, "met": None}
+    assert "timeline_svg" not in braid  # only on request:
+    drawn = client(server).completions.create(model="model", prompt=PROMPT, extra_body={"timeline": True})
+    svg = drawn.model_extra["braid"]["timeline_svg"]
+    assert svg.startswith("<svg") and svg.count('class="thread') == len(drawn.model_extra["braid"]["threads"])
 
 
 def test_streaming_sends_thread_events_apart_from_text(server) -> None:
