@@ -27,6 +27,10 @@ COORDINATOR_NAME = "braid-coordinator"
 NAMESPACE = "braid"
 
 
+def replica_name(index: int) -> str:
+    return f"braid-replica-{index}"
+
+
 class ReplicaFailed(RuntimeError):
     """Every replica a request was tried on failed, or its deadline passed while retrying."""
 
@@ -59,10 +63,13 @@ class Coordinator:
     """Async actor: many requests in flight, each awaiting its replica."""
 
     def __init__(
-        self, replicas: list[Any], affinity_margin: int = 1, kv_transfer: bool = True, retry_within_s: float = 60.0,
+        self, num_replicas: int, affinity_margin: int = 1, kv_transfer: bool = True, retry_within_s: float = 60.0,
         max_requests: int = 256,
     ) -> None:  # fmt: skip
-        """`max_requests`: requests in flight across the cluster before new ones are refused (429)."""
+        """The replicas are found by name (`replica_name(i)`), so that a coordinator Ray restarts
+        finds them again; `max_requests`: requests in flight across the cluster before new ones
+        are refused (429)."""
+        replicas = [ray.get_actor(replica_name(i), namespace=NAMESPACE) for i in range(num_replicas)]
         self.replicas = replicas
         self.max_requests = max_requests
         self.placement = Placement(len(replicas), affinity_margin)

@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from actors.coordinator import COORDINATOR_NAME, NAMESPACE, Coordinator, get_coordinator
+from actors.coordinator import COORDINATOR_NAME, NAMESPACE, Coordinator, get_coordinator, replica_name
 from actors.replica import TASKS, Replica
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "countdown" / "model")
@@ -49,16 +49,20 @@ def start(config: ClusterConfig) -> Any:
     lifetime = "detached" if config.detached else None
     port = None if config.metrics_port is None else config.metrics_port + 1  # each replica takes the first free one
     replicas = [
-        Replica.options(num_cpus=config.replica_cpus, num_gpus=config.replica_gpus, lifetime=lifetime).remote(
-            i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, port
-        )
+        Replica.options(
+            name=replica_name(i),
+            namespace=NAMESPACE,
+            num_cpus=config.replica_cpus,
+            num_gpus=config.replica_gpus,
+            lifetime=lifetime,
+        ).remote(i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, port)
         for i in range(config.num_replicas)
     ]
     ray.get([r.load_dict.remote() for r in replicas])  # wait until every engine has loaded
     _STARTED_REPLICAS[:] = replicas
     coordinator = Coordinator.options(
         name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime
-    ).remote(replicas, kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,
+    ).remote(len(replicas), kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,
              max_requests=config.max_requests)  # fmt: skip
     ray.get(coordinator.connect.remote())
     return coordinator
