@@ -40,11 +40,11 @@ test: install system-packages lint
 # Braid over HTTP (OpenAI API) on the embedded Countdown model: a local Ray cluster, one
 # replica, http://127.0.0.1:8000/v1; Ctrl-C stops it. Options: make serve ARGS="--replicas 2".
 serve: install
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m cluster.serve $(ARGS)
+	$(BIN)/python -m cluster.serve $(ARGS)
 
 # A minute with Braid: two replicas of the embedded model, live thread trees, timelines.
 demo: install
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(BIN)/python -m cluster.demo $(ARGS)
+	$(BIN)/python -m cluster.demo $(ARGS)
 
 bench: install
 	$(BIN)/python -m bench.kv_memory

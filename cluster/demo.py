@@ -13,7 +13,6 @@ the demo shows its misses as they are.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -119,7 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/braid/demo"), help="where the timelines go")
     args = parser.parse_args(argv)
     console = Console()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster of this process
     args.out.mkdir(parents=True, exist_ok=True)
     unseen = [p for p in problems.splits(0, 0, args.problems + len(KNOWN))["test"] if p not in KNOWN]
     chosen = (KNOWN + unseen)[: args.problems]
