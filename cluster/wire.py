@@ -1,0 +1,148 @@
+"""What goes over the wire: request bodies as the OpenAI API has them plus Braid's own fields
+(validated by pydantic), and OpenAI-shaped answers, stream chunks and thread events.
+
+(No `from __future__ import annotations` here: FastAPI reads these models' annotations at
+run time.)
+"""
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.timeline import render_svg
+from engine.protocols import PROTOCOLS
+from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
+
+MAX_TOKENS = 8192
+
+
+class BraidFields(BaseModel):
+    """Braid's own fields, and the OpenAI sampling fields Braid honours."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    user: str | None = None
+    max_latency_s: float | None = Field(None, gt=0.0, le=MAX_LATENCY_S)
+    max_threads: int | None = Field(None, ge=1, le=256)
+    max_depth: int | None = Field(None, ge=0, le=8)
+    protocol: str | None = None
+    join_policy: str | None = None
+    timeline: bool = False  # the answer's `braid.timeline_svg`: its thread timeline as an SVG picture
+
+    def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        """Braid options for the coordinator (a ValueError names a bad value)."""
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
+        if self.join_policy is not None and self.join_policy not in JOIN_POLICIES:
+            raise ValueError(f"unknown join_policy {self.join_policy!r}; known: {', '.join(JOIN_POLICIES)}")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        chosen = {
+            "protocol": self.protocol, "join_policy": self.join_policy, "max_threads": self.max_threads,
+            "max_depth": self.max_depth, "max_latency_s": self.max_latency_s,
+        }  # fmt: skip
+        options = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
+        options["max_total_tokens"] = self.max_tokens
+        options["sampling"] = {
+            "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "seed": self.seed, "stop": tuple(stop),
+        }  # fmt: skip
+        return options
+
+
+class CompletionRequest(BraidFields):
+    prompt: str = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BraidFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def prompt(self) -> str:
+        """The models Braid ships have no chat template: the prompt is the messages' text in order."""
+        return "".join(m.content for m in self.messages)
+
+
+def sla_met(result: dict, options: dict) -> bool | None:
+    """Whether the request kept its latency budget (None: it had none)."""
+    budget = options.get("max_latency_s")
+    return None if budget is None else result["latency_s"] <= budget
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class Shape:
+    """OpenAI's response and chunk objects for one request."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, options: dict, timeline: bool = False) -> None:
+        self.id, self.model, self.chat, self.options, self.timeline = request_id, model, chat, options, timeline
+        self.created = int(time.time())
+        self.started = False
+
+    def _base(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _choice(self, text: str, finish_reason: str | None, chunk: bool) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+        if chunk:
+            delta: dict[str, str] = {"content": text} if text else {}
+            if not self.started:
+                delta["role"] = "assistant"
+                self.started = True
+            return {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+
+    def braid(self, result: dict) -> dict:
+        braid = {
+            "finish_reason": result["finish_reason"],
+            "latency_s": result["latency_s"],
+            "replica": result["replica"],
+            "critical_path_tokens": result["usage"]["critical_path_tokens"],
+            "sla": {"max_latency_s": self.options.get("max_latency_s"), "met": sla_met(result, self.options)},
+            "threads": result["threads"],
+        }
+        if self.timeline:
+            braid["timeline_svg"] = render_svg(result)
+        return braid
+
+    @staticmethod
+    def usage(result: dict) -> dict:
+        u = result["usage"]
+        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["generated_tokens"],
+                "total_tokens": u["total_tokens"]}  # fmt: skip
+
+    @staticmethod
+    def finish_reason(result: dict) -> str:
+        return "stop" if result["finish_reason"] == "stop" else "length"  # deadline, out_of_blocks: cut short
+
+    def response(self, result: dict) -> dict:
+        choice = self._choice(result["text"], self.finish_reason(result), chunk=False)
+        return {**self._base(False), "choices": [choice], "usage": self.usage(result), "braid": self.braid(result)}
+
+    def chunk(self, text: str) -> dict:
+        return {**self._base(True), "choices": [self._choice(text, None, chunk=True)]}
+
+    def thread_event(self, event: dict) -> dict:
+        return {**self._base(True), "choices": [], "braid": {k: v for k, v in event.items() if k != "type"}}
+
+    def last_chunk(self, result: dict) -> dict:
+        choice = self._choice("", self.finish_reason(result), chunk=True)
+        return {**self._base(True), "choices": [choice], "usage": self.usage(result), "braid": self.braid(result)}
