@@ -143,8 +143,8 @@ class BraidAPI:
         return JSONResponse({"status": "ready", "replicas": replicas})
 
     @api.get("/v1/models")
-    def models(self, authorization: str | None = Header(None)) -> dict:
-        self._release(self._admit(authorization))
+    async def models(self, authorization: str | None = Header(None)) -> dict:  # async: keys counted on one loop
+        self.keys.release(self._admit(authorization))
         return {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "braid"}]}
 
     @api.post("/v1/completions")
@@ -163,9 +163,6 @@ class BraidAPI:
             kind = "authentication_error" if denied.status == 401 else "rate_limit_error"
             raise ApiError(denied.status, denied.message, kind) from None
 
-    def _release(self, key: str | None) -> None:
-        self.keys.release(key)
-
     async def _answer(self, body: BraidFields, prompt: str, chat: bool, key: str | None) -> Any:
         """The answer; `key` (admitted) is released when it is complete, for a stream at its end."""
         response = None
@@ -174,7 +171,7 @@ class BraidAPI:
             return response
         finally:
             if not isinstance(response, StreamingResponse):
-                self._release(key)
+                self.keys.release(key)
 
     async def _respond(self, body: BraidFields, prompt: str, chat: bool, key: str | None) -> Any:
         if body.model is not None and body.model != self.model:
@@ -221,7 +218,7 @@ class BraidAPI:
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
         finally:
-            self._release(key)
+            self.keys.release(key)
             if not ended:
                 metrics.ERRORS.labels(self.model, "client_gone").inc()
         yield "data: [DONE]\n\n"
