@@ -52,6 +52,7 @@ class AprParser(Parser):
             if newline:
                 self._close_spawn()
         if self.result_seen and "\n" in text:
+            self.result_seen = False  # the thread ends once, at its result line's end
             return EndEvent()
         return None
 
