@@ -37,6 +37,7 @@ from actors.placement import PrefixCost
 from cache_service.transfer import KVTransfer
 from cluster.config import DEFAULT_MODEL, ClusterConfig, start
 from countdown import problems
+from countdown.traces import SERVE_OPTIONS
 from countdown.traces import prompt as countdown_prompt
 from engine.engine import Engine
 from engine.sampling import SamplingParams
@@ -45,7 +46,7 @@ SIZES = [256, 512, 1024, 2048, 4096]
 LARGER = dict(
     hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
 )
-OPTIONS = {"protocol": "threadweaver", "join_policy": "first_success", "max_total_tokens": 1200}
+OPTIONS = {**SERVE_OPTIONS, "max_total_tokens": 1200}
 
 
 def throughput(replicas: int, prompts: list[str], in_flight: int) -> float:

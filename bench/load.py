@@ -36,8 +36,9 @@ from ray import serve
 from actors.coordinator import free_port, get_coordinator
 from cluster.auth import Access
 from cluster.config import ClusterConfig
-from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
+from cluster.serve import PATIENT_SERVE, BraidAPI
 from countdown import problems
+from countdown.traces import SERVE_OPTIONS
 from countdown.traces import prompt as countdown_prompt
 
 
@@ -62,7 +63,7 @@ class LocalService:
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ClusterConfig(metrics_port=self.metrics_port, **self.config)
-        serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS, Access(keys_file=str(keys_file))), name="braid")
+        serve.run(BraidAPI.bind(config, SERVE_OPTIONS, Access(keys_file=str(keys_file))), name="braid")
         self.url = f"http://127.0.0.1:{port}"
         self.auth = {"Authorization": f"Bearer {self.key}"}
         self.coordinator = get_coordinator()
@@ -95,17 +96,18 @@ def drive(
     times (as a client with backoff would); every outcome, in order."""
 
     def one(body: dict) -> Outcome:
-        for attempt in range(retries + 1):
+        refusals = 0
+        while True:
             start = time.perf_counter()
             try:
                 url = f"{service.url}/v1/completions"
                 reply = requests.post(url, json=body, headers=service.auth, timeout=timeout_s)
             except requests.Timeout:
-                return Outcome(0, time.perf_counter() - start, {}, attempt)
-            if reply.status_code != 429 or attempt == retries:
-                return Outcome(reply.status_code, time.perf_counter() - start, reply.json(), attempt)
+                return Outcome(0, time.perf_counter() - start, {}, refusals)
+            if reply.status_code != 429 or refusals == retries:
+                return Outcome(reply.status_code, time.perf_counter() - start, reply.json(), refusals)
+            refusals += 1
             time.sleep(RETRY_AFTER_S)
-        raise AssertionError("unreachable")
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(one, bodies))

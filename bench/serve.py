@@ -25,7 +25,7 @@ import ray
 import requests
 
 from bench.load import LocalService, countdown_bodies, drive, percentile
-from cluster.serve import COUNTDOWN_DEFAULTS
+from countdown.traces import SERVE_OPTIONS
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
         session = requests.Session()
         session.headers.update(service.auth)  # the HTTP path checks an API key, as a real deployment does
         short = {"prompt": "44 12 8 3>43\n", "max_tokens": 8}
-        options = {**COUNTDOWN_DEFAULTS, "max_total_tokens": 8, "sampling": {"max_new_tokens": 8}}
+        options = {**SERVE_OPTIONS, "max_total_tokens": 8, "sampling": {"max_new_tokens": 8}}
 
         def over_http() -> float:
             start = time.perf_counter()

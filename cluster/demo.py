@@ -25,10 +25,10 @@ from rich.table import Table
 from rich.tree import Tree
 
 from cluster.config import ClusterConfig, start
-from cluster.serve import COUNTDOWN_DEFAULTS
 from cluster.timeline import render_html, render_png
 from countdown import problems
 from countdown.problems import Problem
+from countdown.traces import SERVE_OPTIONS
 from countdown.traces import prompt as countdown_prompt
 from countdown.verify import check_answer, final_answer
 
@@ -87,7 +87,7 @@ def solve(coordinator: Any, problem: Problem, console: Console, out: Path, index
     live_tree = LiveTree(f"{' '.join(map(str, problem.nums))} -> {problem.target}")
     result: dict | None = None
     with Live(live_tree.render(), console=console, refresh_per_second=12, transient=True) as live:
-        for ref in coordinator.stream.remote(prompt, dict(COUNTDOWN_DEFAULTS)):
+        for ref in coordinator.stream.remote(prompt, dict(SERVE_OPTIONS)):
             event = ray.get(ref)
             if event["type"] == "result":
                 result = event["result"]

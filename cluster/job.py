@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from cluster.config import ClusterConfig, connect_or_start
 from countdown.problems import Problem
+from countdown.traces import SERVE_OPTIONS
 from countdown.traces import prompt as countdown_prompt
 
 
@@ -36,8 +37,7 @@ def parse_request(line: str) -> tuple[str, dict[str, Any]]:
         prompt = row.pop("prompt")
     elif "nums" in row and "target" in row:
         prompt = countdown_prompt(Problem(tuple(int(n) for n in row.pop("nums")), int(row.pop("target"))))
-        row.setdefault("protocol", "threadweaver")
-        row.setdefault("join_policy", "first_success")
+        row = {**SERVE_OPTIONS, **row}
     else:
         raise ValueError('a request needs "prompt" (or "nums" and "target" for Countdown)')
     row.pop("id", None)

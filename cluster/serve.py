@@ -46,6 +46,7 @@ from actors.coordinator import Refused
 from cluster.auth import KEYS_ENV, KEYS_FILE_ENV, MAX_IN_FLIGHT_PER_KEY, Access, ApiKeys, Denied, read_keys
 from cluster.config import ClusterConfig, connect_or_start
 from cluster.wire import BraidFields, ChatRequest, CompletionRequest, Shape, sla_met, sse
+from countdown.traces import SERVE_OPTIONS
 
 # Serve kills a proxy that is not ready within 5 s; a loaded laptop or a 2-core CI machine
 # can take longer to start one. Applied to the local clusters `braid serve` (and the tests) start.
@@ -253,8 +254,12 @@ class BraidAPI:
             metrics.SLA.labels(self.model, "met" if met else "missed").inc()
 
 
-COUNTDOWN_DEFAULTS = {"protocol": "threadweaver", "join_policy": "first_success"}
 REQUEST_DEFAULTS = ("protocol", "join_policy", "max_latency_s", "max_threads", "max_depth")
+
+
+def task_defaults(task: str) -> dict[str, Any]:
+    """The request options a task's model is served with unless a request says otherwise."""
+    return dict(SERVE_OPTIONS) if task == "countdown" else {}
 
 
 def build(args: dict[str, Any]) -> serve.Application:
@@ -274,7 +279,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         raise ValueError(f"unknown argument(s) {', '.join(sorted(unknown))}; known: {', '.join(fields)}")
     typed = {k: _parse(fields[k].type, v) for k, v in args.items()}
     config = ClusterConfig(**{"detached": True, **typed})
-    return BraidAPI.bind(config, {**(COUNTDOWN_DEFAULTS if config.task == "countdown" else {}), **defaults}, access)
+    return BraidAPI.bind(config, {**task_defaults(config.task), **defaults}, access)
 
 
 def _parse(kind: Any, value: str) -> Any:
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         num_replicas=args.replicas, metrics_port=args.metrics_port, **({"model_path": args.model} if args.model else {})
     )
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS if config.task == "countdown" else {}, access), name="braid")
+    serve.run(BraidAPI.bind(config, task_defaults(config.task), access), name="braid")
     ports = [args.metrics_port + i for i in range(args.replicas + 1)]
     metrics.targets_file(args.targets, "127.0.0.1", ports, Path(config.model_path).name)
     url = f"http://{args.host}:{args.port}"

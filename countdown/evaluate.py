@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from countdown import problems as countdown_problems
-from countdown.traces import prompt
+from countdown.traces import SERVE_OPTIONS, prompt
 from countdown.verify import check_answer, claims_found, final_answer, verify_claim
 from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
@@ -56,8 +56,7 @@ def options_for(fmt: str, max_threads: int) -> ForkJoinOptions:
     if fmt == "sequential":
         return ForkJoinOptions(protocol="threadweaver", sampling=SamplingParams(max_new_tokens=1600))
     return ForkJoinOptions(
-        protocol="threadweaver",
-        join_policy="first_success",
+        **SERVE_OPTIONS,
         max_depth=2,
         max_fanout=8,
         max_threads=max_threads,

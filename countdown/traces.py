@@ -106,6 +106,11 @@ class Node:
         return self.fork_text() + "".join(tried) + "\n</Parallel>\n" + self.tail
 
 
+# How a Countdown request is served: the traces' format, and the first child whose chain the
+# verifier accepts is the one joined.
+SERVE_OPTIONS = {"protocol": "threadweaver", "join_policy": "first_success"}
+
+
 def prompt(problem: Problem, threads: int | None = None) -> str:
     cap = f"T{threads} " if threads else ""
     return f"{cap}{' '.join(map(str, sorted(problem.nums, reverse=True)))}>{problem.target}\n"

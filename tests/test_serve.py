@@ -17,7 +17,8 @@ from ray import serve
 from actors.coordinator import free_port
 from cluster.auth import Access
 from cluster.config import ClusterConfig
-from cluster.serve import COUNTDOWN_DEFAULTS, PATIENT_SERVE, BraidAPI
+from cluster.serve import PATIENT_SERVE, BraidAPI
+from countdown.traces import SERVE_OPTIONS
 
 MODEL = Path(__file__).resolve().parents[1] / "countdown" / "model"
 PROMPT = "44 12 8 3>43\n"
@@ -38,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ClusterConfig(model_path=str(MODEL), kv_cache_bytes=32 * 2**20, metrics_port=metrics_port)
         access = Access(keys_file=str(keys_file), max_in_flight_per_key=1)
-        serve.run(BraidAPI.bind(config, COUNTDOWN_DEFAULTS, access), name="braid")
+        serve.run(BraidAPI.bind(config, SERVE_OPTIONS, access), name="braid")
         yield f"http://127.0.0.1:{port}", metrics_port
     finally:
         serve.shutdown()
