@@ -139,7 +139,8 @@ class ReplicaWorker:
             torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
         self.labels = {"model": Path(model_path).name, "replica": str(replica_id)}
-        self.metrics_port = None if metrics_port is None else metrics.serve_metrics(metrics_port, REPLICA_METRICS_PORTS)
+        if metrics_port is not None:
+            metrics.serve_metrics(metrics_port, REPLICA_METRICS_PORTS)
         for counter in (metrics.TOKENS, metrics.PREFIX_HITS, metrics.TRANSFER_BYTES, metrics.TRANSFER_SECONDS):
             counter.labels(**self.labels)  # each series exists (at 0) from the start
         for where in ("local", "cached", "transfer", "recompute"):

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.threads import ThreadNode, critical_path
+
 STATUS_COLOURS = {
     "joined": "#2e8b57", "done": "#4682b4", "truncated": "#e8a33d", "pruned": "#a9a9a9", "rejected": "#c0392b",
     "failed": "#8b0000", "cancelled": "#a9a9a9", "dropped": "#d3d3d3", "running": "#6a5acd", "waiting": "#d3d3d3",
@@ -49,62 +51,45 @@ def braid_object(doc: dict) -> dict:
     return doc.get("braid", doc)
 
 
-def critical_threads(threads: dict[int, dict], thread_id: int) -> set[int]:
+def critical_threads(nodes: dict[int, ThreadNode], thread_id: int) -> set[int]:
     """The threads on the critical path below `thread_id`: it, and for each of its forks the
-    child with the longest critical path (as `engine.threads.critical_path` counts it)."""
-
-    def length(tid: int) -> int:
-        node = threads[tid]
-        if node.get("critical_path_tokens") is not None:
-            return node["critical_path_tokens"]
-        longest: dict[int, int] = {}
-        for child in node["children"]:
-            if child in threads:
-                longest[threads[child]["fork"]] = max(longest.get(threads[child]["fork"], 0), length(child))
-        return node["generated_tokens"] + sum(longest.values())
-
-    chosen = {thread_id}
-    best: dict[int, int] = {}
-    for child in threads[thread_id]["children"]:
-        if child in threads:
-            fork = threads[child]["fork"]
-            if fork not in best or length(child) > length(best[fork]):
-                best[fork] = child
-    for child in best.values():
-        chosen |= critical_threads(threads, child)
-    return chosen
+    child with the longest critical path (`engine.threads.critical_path`)."""
+    best: dict[int, int] = {}  # fork -> its child with the longest critical path
+    for child in nodes[thread_id].children:
+        fork = nodes[child].fork
+        if fork not in best or critical_path(nodes, child) > critical_path(nodes, best[fork]):
+            best[fork] = child
+    return {thread_id}.union(*(critical_threads(nodes, child) for child in best.values()))
 
 
 def layout(doc: dict) -> tuple[list[Row], list[Mark], float]:
     """Rows (grouped by replica, each subtree in depth-first order), fork and join marks, and the end time."""
     data = braid_object(doc)
-    threads = {t["thread_id"]: t for t in data["threads"]}
-    root = next(t for t in data["threads"] if t["parent_id"] is None)
-    end = float(data.get("latency_s") or max((t["end_s"] or 0.0) for t in threads.values()) or 1.0)
-    critical = critical_threads(threads, root["thread_id"])
+    nodes = {t["thread_id"]: ThreadNode(**t) for t in data["threads"]}
+    root = next(n for n in nodes.values() if n.parent_id is None)
+    end = float(data.get("latency_s") or max((n.end_s or 0.0) for n in nodes.values()) or 1.0)
+    critical = critical_threads(nodes, root.thread_id)
     rows: list[Row] = []
 
-    def visit(tid: int, replica: int) -> None:
-        node = threads[tid]
-        replica = node["replica"] if node.get("replica") is not None else replica
-        rows.append(Row(tid, node["parent_id"], replica, node["depth"], node["start_s"],
-                        node["end_s"] if node["end_s"] is not None else end, node["generated_tokens"],
-                        node["status"], node["spawn"], tid in critical))  # fmt: skip
-        for child in node["children"]:
-            if child in threads:
-                visit(child, replica)
+    def visit(node: ThreadNode, replica: int) -> None:
+        replica = node.replica if node.replica is not None else replica
+        rows.append(Row(node.thread_id, node.parent_id, replica, node.depth, node.start_s,
+                        node.end_s if node.end_s is not None else end, node.generated_tokens, node.status,
+                        node.spawn, node.thread_id in critical))  # fmt: skip
+        for child in node.children:
+            visit(nodes[child], replica)
 
     home = int(data.get("replica") or 0)
-    visit(root["thread_id"], home)
+    visit(root, home)
     rows.sort(key=lambda r: (r.replica != home, r.replica))  # the root's replica first; stable: tree order kept
+    forks: dict[tuple[int, int], list[Row]] = {}
+    for r in rows:
+        if r.parent_id is not None:
+            forks.setdefault((r.parent_id, nodes[r.thread_id].fork), []).append(r)
     marks: list[Mark] = []
-    forks: dict[tuple[int, int], list[dict]] = {}
-    for t in threads.values():
-        if t["parent_id"] is not None:
-            forks.setdefault((t["parent_id"], t["fork"]), []).append(t)
     for (parent, _), children in forks.items():
-        marks.append(Mark(parent, min(c["start_s"] for c in children), "fork"))
-        marks.append(Mark(parent, max((c["end_s"] if c["end_s"] is not None else end) for c in children), "join"))
+        marks.append(Mark(parent, min(c.start_s for c in children), "fork"))
+        marks.append(Mark(parent, max(c.end_s for c in children), "join"))
     return rows, marks, end
 
 
@@ -144,8 +129,11 @@ def render_png(doc: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def render_svg(doc: dict, width: int = 900) -> str:
-    rows, marks, end = layout(doc)
+def render_svg(doc: dict) -> str:
+    return svg(*layout(doc))
+
+
+def svg(rows: list[Row], marks: list[Mark], end: float, width: int = 900) -> str:
     left, row_h, top = 190, 22, 24
     scale = (width - left - 20) / end
     height = top + row_h * len(rows) + 30
@@ -172,12 +160,12 @@ def render_svg(doc: dict, width: int = 900) -> str:
 
 
 def render_html(doc: dict, path: Path) -> None:
-    rows, _, end = layout(doc)
+    rows, marks, end = layout(doc)
     legend = " ".join(f'<span style="background:{c};padding:0 6px;color:white">{s}</span>'
                       for s, c in STATUS_COLOURS.items() if any(r.status == s for r in rows))  # fmt: skip
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Braid request timeline</title></head><body>"
             f"<h3>{len(rows)} threads over {end:.2f} s</h3><p>{legend} <b>outlined</b>: critical path; "
-            f"▼ fork, ▲ join; hover a bar for its thread.</p>{render_svg(doc)}</body></html>")  # fmt: skip
+            f"▼ fork, ▲ join; hover a bar for its thread.</p>{svg(rows, marks, end)}</body></html>")  # fmt: skip
     path.write_text(page)
 
 

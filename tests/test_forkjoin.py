@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
 from engine.sampling import SamplingParams
 from engine.threads import ForkJoinOptions, ForkJoinResult
@@ -384,16 +385,24 @@ class StepClock:
         return 0.01 * self.steps
 
 
+def run_with_budget(ckpt: Path, scripts: dict[str, str], budget_s: float) -> tuple[ForkJoinResult, Engine]:
+    """A ThreadWeaver request with a latency budget, timed by a clock of 10 ms per engine step."""
+    engine, _ = scripted_engine(ckpt, scripts)
+    fj = ForkJoinEngine(engine, clock=StepClock(engine))
+    options = ForkJoinOptions(
+        protocol="threadweaver", max_latency_s=budget_s, sampling=SamplingParams(max_new_tokens=400)
+    )
+    (result,) = fj.run(["Q:"], options)
+    return result, engine
+
+
 def test_a_latency_budget_gives_children_token_budgets_then_ends_the_request(ckpt: Path) -> None:
     scripts = {
         "Q:": TW_ROOT + "answer " + "more " * 100,
         "<Thread>\n1:1: a\n": "one</Thread>",
         "<Thread>\n2:2: b\n": "slow " * 100 + "</Thread>",
     }
-    engine, _ = scripted_engine(ckpt, scripts)
-    fj = ForkJoinEngine(engine, clock=StepClock(engine))
-    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=1.0, sampling=SamplingParams(max_new_tokens=400))
-    (result,) = fj.run(["Q:"], options)
+    result, engine = run_with_budget(ckpt, scripts, 1.0)
     root, fast, slow = result.threads
     # Joins are due 35 steps (ANSWER_STEPS + END_STEPS) before the budget: at 0.65 s, so a child
     # forked at 0.15 s may generate 50 tokens; the slow one is cut there and joined.
@@ -407,10 +416,7 @@ def test_a_latency_budget_gives_children_token_budgets_then_ends_the_request(ckp
 
 
 def test_no_fork_once_the_join_time_has_passed(ckpt: Path) -> None:
-    engine, _ = scripted_engine(ckpt, {"Q:": TW_ROOT + "answer"})
-    fj = ForkJoinEngine(engine, clock=StepClock(engine))
-    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=0.4, sampling=SamplingParams(max_new_tokens=400))
-    (result,) = fj.run(["Q:"], options)  # joins are due at 0.05 s: the fork at 0.15 s is refused
+    result, _ = run_with_budget(ckpt, {"Q:": TW_ROOT + "answer"}, 0.4)  # joins due at 0.05 s: fork at 0.15 s
     assert [n.notes for n in result.threads] == [["fork refused: deadline"]]
     assert result.text == TW_ROOT + "answer" and result.finish_reason == "stop"
 
@@ -422,10 +428,7 @@ def test_nested_forks_join_first_so_that_each_parent_can_conclude(ckpt: Path) ->
         "<Thread>\n2:2: b\n": "<Parallel><Outlines><Outline>x</Outline></Outlines>two</Thread>",
         "<Thread>\n1:x\n": "slow " * 100 + "</Thread>",
     }
-    engine, _ = scripted_engine(ckpt, scripts)
-    fj = ForkJoinEngine(engine, clock=StepClock(engine))
-    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=1.0, sampling=SamplingParams(max_new_tokens=400))
-    (result,) = fj.run(["Q:"], options)
+    result, engine = run_with_budget(ckpt, scripts, 1.0)
     root, x = result.threads[0], result.threads[3]
     # b's fork joins 32 steps before the root's (0.33 s vs 0.65 s): x is cut there, b concludes,
     # the root's fork joins in full, and the root answers on its own within the budget.

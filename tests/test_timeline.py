@@ -60,7 +60,7 @@ def test_every_protocol_renders_one_bar_per_thread(ckpt: Path, tmp_path: Path, p
     bars = [c for c in shapes.classes if c.startswith("thread")]
     assert len(bars) == len(result.threads) > 1
     assert shapes.classes.count("fork") == shapes.classes.count("join") >= 1
-    critical = critical_threads({t["thread_id"]: t for t in doc["threads"]}, result.threads[0].thread_id)
+    critical = critical_threads({t.thread_id: t for t in result.threads}, result.threads[0].thread_id)
     assert bars.count("thread critical") == len(critical)
     # The critical path's tokens are the request's own count of them.
     assert sum(t.generated_tokens for t in result.threads if t.thread_id in critical) == (
