@@ -40,6 +40,7 @@ class DecodeGroup:
     prefix: torch.Tensor | slice | None  # (P,) slots all B sequences share (cascade), or None
     context: torch.Tensor | slice  # (B * Lmax,) each sequence's slots after the prefix, padded to Lmax
     max_len: int
+    lengths: list[int]  # each sequence's share of `context`, unpadded
     mask: torch.Tensor | None  # (B, 1, 1, Lmax) additive, -inf on padding; None when no padding
 
 
@@ -124,7 +125,7 @@ def _decode_group(members: list[tuple[int, Sequence]], prefix: int, block_size: 
         seq = members[0][1]
         end = seq.num_computed + 1
         context = slot_index(seq, prefix, end, block_size, device)
-        return DecodeGroup(slice(rows[0], rows[0] + 1), 1, None, context, end - prefix, None)
+        return DecodeGroup(slice(rows[0], rows[0] + 1), 1, None, context, end - prefix, [end - prefix], None)
     contexts = [seq.slots[prefix : seq.num_computed + 1] for _, seq in members]
     lengths = [len(c) for c in contexts]
     width = max(lengths)
@@ -142,6 +143,7 @@ def _decode_group(members: list[tuple[int, Sequence]], prefix: int, block_size: 
         prefix=slot_index(first, 0, prefix, block_size, device) if prefix else None,
         context=torch.tensor(padded, device=device),
         max_len=width,
+        lengths=lengths,
         mask=mask,
     )
 

@@ -60,9 +60,10 @@ class Engine:
         max_num_seqs: int = 256,
         seed: int = 0,
         logits_processor: Callable[[list[Thread], torch.Tensor], torch.Tensor] | None = None,
+        fused_decode: bool = True,
     ) -> None:
         path = Path(model_path)
-        self.runner = ModelRunner(path, device, dtype, kv_cache_bytes, block_size)
+        self.runner = ModelRunner(path, device, dtype, kv_cache_bytes, block_size, fused_decode)
         self.cache = self.runner.cache
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs)
         tokenizer_file = path / "tokenizer.json"

@@ -29,9 +29,11 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         kv_cache_bytes: int = 512 * 2**20,
         block_size: int = 16,
+        fused_decode: bool = True,
     ) -> None:
         self.device = device
         self.model = CausalLM.from_pretrained(model_path, dtype=dtype, device=device)
+        self.fused_decode = fused_decode and self.model.use_fused_decode()  # CPU fp32 only
         args = self.model.args
         probe = CacheConfig(args.num_layers, args.num_kv_heads, args.head_dim, 1, block_size, dtype, device)
         num_blocks = kv_cache_bytes // probe.bytes_per_block

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.attention import build_batch
 from engine.model_runner import Chunk, ModelRunner
 from tests.checkpoints import VOCAB, load_reference
 
@@ -31,9 +32,12 @@ def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.fixture
-def runner(checkpoint: Path) -> ModelRunner:
-    return ModelRunner(checkpoint, kv_cache_bytes=4 * 2**20, block_size=8)
+@pytest.fixture(params=[True, False], ids=["fused", "pytorch"])
+def runner(checkpoint: Path, request: pytest.FixtureRequest) -> ModelRunner:
+    """Both decode paths: the C++ step (decode-only steps without a shared prefix) and PyTorch."""
+    runner = ModelRunner(checkpoint, kv_cache_bytes=4 * 2**20, block_size=8, fused_decode=request.param)
+    assert runner.fused_decode == request.param  # the C++ step builds here (make test installs g++)
+    return runner
 
 
 @pytest.fixture
@@ -116,6 +120,49 @@ def test_merged_sequence_attends_as_multiverse_defines(runner: ModelRunner, ref:
     runner.cache.free(merged)
     runner.cache.check_integrity()
     assert runner.cache.stats().used_blocks == 0
+
+
+def test_decode_only_step_of_every_group_kind(runner: ModelRunner, ref: torch.nn.Module) -> None:
+    """Decode-only steps (the fused C++ step's case) mixing forked children that share a
+    prefix (a cascade group, rows interleaved with others), sequences of different lengths
+    (padded) and a merged sequence (positions that are not slot indices)."""
+    parent = runner.cache.allocate(random_tokens(11, seed=70))
+    runner.forward([Chunk(parent, 11)])
+    paths = runner.cache.fork(parent, 2)
+    for i, path in enumerate(paths):
+        runner.cache.append(path, random_tokens(4 + 5 * i, seed=71 + i))
+    runner.forward([Chunk(p, len(p) - 11) for p in paths])
+    merged = runner.cache.merge(parent, paths)
+    for seq in (parent, *paths):
+        runner.cache.free(seq)
+    others = [runner.cache.allocate(random_tokens(n, seed=80 + n)) for n in (3, 26, 35)]
+    runner.forward([Chunk(s, len(s)) for s in others])
+    children = runner.cache.fork(others[2], 3)
+    runner.cache.free(others[2])
+    for i, child in enumerate(children):
+        runner.cache.append(child, random_tokens(1 + i, seed=90 + i))
+    runner.forward([Chunk(c, len(c) - 35) for c in children])
+    seqs = [children[0], merged, children[1], others[0], children[2], others[1]]
+    for step in range(3):
+        for i, seq in enumerate(seqs):
+            runner.cache.append(seq, [5 + i + step])
+        batch = build_batch(seqs, [1] * len(seqs), runner.cache.block_size, "cpu")
+        assert [g.prefix is not None for g in batch.decodes] == [True, False]  # a cascade and a plain group
+        assert batch.decodes[1].mask is not None  # padded
+        got = runner.forward([Chunk(s, 1) for s in seqs])
+        for logits, seq in zip(got, seqs, strict=True):
+            mask = None
+            if seq is merged:  # each path sees the prefix and itself; what follows sees all
+                n = len(seq)
+                segment = [0] * 11 + [1] * 4 + [2] * 9 + [3] * (n - 24)
+                mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+                for a in range(n):
+                    for b in range(a):
+                        if {segment[a], segment[b]} == {1, 2}:
+                            mask[a, b] = False
+            want = reference_logits(ref, seq.token_ids, seq.positions, mask)[-1]
+            torch.testing.assert_close(logits, want, atol=ATOL, rtol=0, msg=f"step {step}")
+    runner.cache.check_integrity()
 
 
 def test_decodes_sharing_a_prefix_cascade_exactly(runner: ModelRunner, ref: torch.nn.Module) -> None:
