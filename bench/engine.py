@@ -8,6 +8,8 @@ embedded model's size) and a larger one (~100M). Measured, each the median of re
   decode-only rates (generate(): time for n tokens minus time for 1);
   transformers' continuous-batching generate_batch() too, where it runs;
 - time to first token for a 512-token prompt.
+Braid's decode rates on the small config are measured twice: with its fused C++ decode
+step (the default on CPU) and with every step in PyTorch (`fused_decode=False`).
 Prints a table, then one line of JSON (speedups are Braid / generate()).
 """
 
@@ -58,8 +60,8 @@ def tokens(n: int, vocab: int, seed: int) -> list[int]:
 
 
 class Braid:
-    def __init__(self, path: Path) -> None:
-        self.engine = Engine(path, kv_cache_bytes=256 * 2**20)
+    def __init__(self, path: Path, fused_decode: bool = True) -> None:
+        self.engine = Engine(path, kv_cache_bytes=256 * 2**20, fused_decode=fused_decode)
 
     def decode(self, prompt: list[int], n: int) -> None:
         self.engine.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -106,6 +108,9 @@ def bench(name: str, repeats: int, new_tokens: int, width: int) -> dict:
     prompt, long_prompt = tokens(16, vocab, 1), tokens(512, vocab, 2)
     r = {"config": name}
     r["braid_b1"] = new_tokens / median_time(lambda: braid.decode(prompt, new_tokens), repeats)
+    pytorch = Braid(folder, fused_decode=False) if width else None
+    if pytorch:
+        r["pytorch_b1"] = new_tokens / median_time(lambda: pytorch.decode(prompt, new_tokens), repeats)
     r["hf_b1"] = new_tokens / median_time(lambda: hf.generate([prompt], new_tokens), repeats)
     fresh = itertools.count(10)  # a new prompt each time: no prefix-cache hit
     r["braid_ttft_ms"] = 1000 * median_time(lambda: braid.first_token(tokens(512, vocab, next(fresh))), repeats)
@@ -113,8 +118,9 @@ def bench(name: str, repeats: int, new_tokens: int, width: int) -> dict:
     if width:
         n = new_tokens // 2
         prompts = [long_prompt + [i + 3] for i in range(width)]
-        braid_s = statistics.median(braid.forked_decode_seconds(long_prompt, n, width) for _ in range(repeats))
-        r[f"braid_b{width}"] = width * n / braid_s
+        for key, engine in ((f"braid_b{width}", braid), (f"pytorch_b{width}", pytorch)):
+            seconds = statistics.median(engine.forked_decode_seconds(long_prompt, n, width) for _ in range(repeats))
+            r[key] = width * n / seconds
         t_n = median_time(lambda: hf.generate(prompts, n), repeats)
         t_1 = median_time(lambda: hf.generate(prompts, 1), repeats)
         r[f"hf_b{width}"] = width * (n - 1) / (t_n - t_1)
@@ -134,17 +140,18 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     small = bench("small-3M", args.repeats, args.new_tokens, width=16)
     large = bench("large-100M", max(1, args.repeats - 1), args.new_tokens // 2, width=0)
-    print(f"{'config':<12} {'metric':<34} {'braid':>10} {'generate()':>11} {'ratio':>7}")
+    print(f"{'config':<12} {'metric':<34} {'braid':>10} {'generate()':>11} {'ratio':>7} {'braid, PyTorch step':>20}")
     rows = [
-        ("decode tok/s, batch 1", "braid_b1", "hf_b1"),
-        ("decode tok/s, 16 threads, 512 prefix", "braid_b16", "hf_b16"),
-        ("TTFT ms, 512-token prompt", "braid_ttft_ms", "hf_ttft_ms"),
+        ("decode tok/s, batch 1", "braid_b1", "hf_b1", "pytorch_b1"),
+        ("decode tok/s, 16 threads, 512 prefix", "braid_b16", "hf_b16", "pytorch_b16"),
+        ("TTFT ms, 512-token prompt", "braid_ttft_ms", "hf_ttft_ms", ""),
     ]
     for r in (small, large):
-        for label, b, h in rows:
+        for label, b, h, p in rows:
             if b in r:
                 ratio = r[h] / r[b] if "ttft" in b else r[b] / r[h]
-                print(f"{r['config']:<12} {label:<34} {r[b]:>10.1f} {r[h]:>11.1f} {ratio:>6.2f}x")
+                unfused = f"{r[p]:>10.1f} ({r[p] / r[h]:.2f}x)" if p in r else ""
+                print(f"{r['config']:<12} {label:<34} {r[b]:>10.1f} {r[h]:>11.1f} {ratio:>6.2f}x {unfused:>20}")
         if "hf_batch_b16" in r:
             print(f"{r['config']:<12} {'generate_batch() tok/s, 16 threads':<34} {'':>10} {r['hf_batch_b16']:>11.1f}")
     print(

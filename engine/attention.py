@@ -40,7 +40,6 @@ class DecodeGroup:
     prefix: torch.Tensor | slice | None  # (P,) slots all B sequences share (cascade), or None
     context: torch.Tensor | slice  # (B * Lmax,) each sequence's slots after the prefix, padded to Lmax
     max_len: int
-    lengths: list[int]  # each sequence's share of `context`, unpadded
     mask: torch.Tensor | None  # (B, 1, 1, Lmax) additive, -inf on padding; None when no padding
 
 
@@ -70,12 +69,12 @@ def build_batch(seqs: list[Sequence], num_queries: list[int], block_size: int, d
                 mask = (torch.arange(end, device=device)[None, :] <= q)[None, None]
             prefills.append(PrefillChunk(row, n, slot_index(seq, 0, end, block_size, device), mask))
         row += n
-    groups = _share_groups(decode_rows, block_size)
+    groups = share_groups(decode_rows, block_size)
     decodes = [_decode_group(rows, prefix, block_size, device) for rows, prefix in groups]
     return AttentionBatch(torch.tensor(write_slots, device=device), decodes, prefills)
 
 
-def _share_groups(decodes: list[tuple[int, Sequence]], block_size: int) -> list[tuple[list[tuple[int, Sequence]], int]]:
+def share_groups(decodes: list[tuple[int, Sequence]], block_size: int) -> list[tuple[list[tuple[int, Sequence]], int]]:
     """Split decodes into (members, shared prefix length in tokens); 0 means no cascade.
 
     Members of a group hold the same first `prefix // block_size` blocks, all full and
@@ -125,7 +124,7 @@ def _decode_group(members: list[tuple[int, Sequence]], prefix: int, block_size: 
         seq = members[0][1]
         end = seq.num_computed + 1
         context = slot_index(seq, prefix, end, block_size, device)
-        return DecodeGroup(slice(rows[0], rows[0] + 1), 1, None, context, end - prefix, [end - prefix], None)
+        return DecodeGroup(slice(rows[0], rows[0] + 1), 1, None, context, end - prefix, None)
     contexts = [seq.slots[prefix : seq.num_computed + 1] for _, seq in members]
     lengths = [len(c) for c in contexts]
     width = max(lengths)
@@ -143,7 +142,6 @@ def _decode_group(members: list[tuple[int, Sequence]], prefix: int, block_size: 
         prefix=slot_index(first, 0, prefix, block_size, device) if prefix else None,
         context=torch.tensor(padded, device=device),
         max_len=width,
-        lengths=lengths,
         mask=mask,
     )
 

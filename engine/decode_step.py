@@ -2,20 +2,28 @@
 
 At the embedded model's size a decode step in PyTorch is about a hundred small ops, and
 their dispatch, not their arithmetic, is most of its time (bench/engine.py). The C++
-step runs a whole decode-only step in one call: the matmuls stay ATen's, the rest are
-plain loops. It is built once per machine with `torch.utils.cpp_extension` (g++ and
-ninja; cached in TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); where it
+step runs a whole decode-only step (every sequence computes one token) in one call, over
+the same fused weights as `engine.model` and the same decode groups as
+`engine.attention`. It is built once per machine with `torch.utils.cpp_extension` (g++
+and ninja; cached in TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); where it
 cannot be built the engine logs why and runs every step in PyTorch.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import torch
 from torch.utils import cpp_extension
+
+from cache_service import Sequence
+from engine.attention import share_groups
+from engine.model import CausalLM, LayerWeights
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
@@ -33,3 +41,39 @@ def extension() -> ModuleType | None:
     except Exception as err:  # no compiler, no ninja, ...: the PyTorch path still runs
         log.warning("fused decode step unavailable, decoding in PyTorch: %s: %s", type(err).__name__, err)
         return None
+
+
+def build(model: CausalLM) -> Any | None:
+    """The C++ step over `model`'s weights; None off the CPU, below fp32, or without a build."""
+    if model.embed.device.type != "cpu" or model.embed.dtype != torch.float32:
+        return None
+    module = extension()
+    if module is None:
+        return None
+    args = model.args
+    return module.DecodeStep(
+        [[getattr(w, f.name) for f in fields(LayerWeights)] for w in model.layers],
+        model.embed,
+        model.norm,
+        model.lm_head,
+        model.inv_freq,
+        model.rope_scale,
+        args.rms_norm_eps,
+        args.num_heads,
+        args.num_kv_heads,
+        args.head_dim,
+    )
+
+
+def decode_groups(seqs: list[Sequence], block_size: int) -> list[Any]:
+    """The step's sequences (one new token each, row i = seqs[i]) as the C++ step's groups:
+    rows, the slots of a shared cascade prefix (empty: none), each member's own slots."""
+    group = extension().Group
+    return [
+        group(
+            [row for row, _ in members],
+            members[0][1].slots[:prefix],
+            [seq.slots[prefix : seq.num_computed + 1] for _, seq in members],
+        )
+        for members, prefix in share_groups(list(enumerate(seqs)), block_size)
+    ]

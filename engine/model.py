@@ -18,7 +18,7 @@ model is plain functions over fused weights, measured in `bench/engine.py`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,8 +27,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from engine.attention import AttentionBatch, DecodeGroup, paged_attention
-from engine.decode_step import extension
+from engine.attention import AttentionBatch, paged_attention
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # inv_freq independent of length
@@ -158,26 +157,6 @@ class CausalLM:
         self.lm_head = state["model.embed_tokens.weight"] if args.tie_word_embeddings else state["lm_head.weight"]
         self.inv_freq = inv_freq  # (D/2,) fp32, kept out of any dtype cast
         self.rope_scale = scale
-        self.decode_step = None  # the fused C++ decode step, when `use_fused_decode` built one
-
-    def use_fused_decode(self) -> bool:
-        """Run decode-only steps through the C++ step (CPU, fp32); False where it cannot."""
-        module = extension() if self.embed.device.type == "cpu" and self.embed.dtype == torch.float32 else None
-        if module is not None:
-            args = self.args
-            self.decode_step = module.DecodeStep(
-                [[getattr(w, f.name) for f in fields(LayerWeights)] for w in self.layers],
-                self.embed,
-                self.norm,
-                self.lm_head,
-                self.inv_freq,
-                self.rope_scale,
-                args.rms_norm_eps,
-                args.num_heads,
-                args.num_kv_heads,
-                args.head_dim,
-            )
-        return self.decode_step is not None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Over the last dim; in fp32 like transformers, then scaled in the model's dtype.
@@ -203,9 +182,6 @@ class CausalLM:
         kv: tuple[torch.Tensor, torch.Tensor],  # pool K, V: (layers, num_slots, Hkv, D) each
         logit_rows: torch.Tensor | slice,  # which of the T tokens to return logits for
     ) -> torch.Tensor:
-        if self.decode_step is not None and not batch.prefills:  # a decode-only step: the C++ step
-            groups = [self.fused_group(group) for group in batch.decodes]
-            return self.decode_step.forward(input_ids, positions, batch.write_slots, groups, *kv)
         args = self.args
         t, d, hq, hkv = input_ids.shape[0], args.head_dim, args.num_heads, args.num_kv_heads
         rot = self.rope(positions)
@@ -227,14 +203,6 @@ class CausalLM:
         return F.linear(x, self.lm_head).float()  # (len(logit_rows), vocab)
 
     __call__ = forward
-
-    def fused_group(self, group: DecodeGroup) -> object:
-        """A decode group as the C++ step reads it: slot lists as int64 tensors, context (B, Lmax)."""
-        rows, prefix, context = (
-            torch.arange(x.start, x.stop) if isinstance(x, slice) else x
-            for x in (group.rows, group.prefix, group.context)
-        )
-        return extension().Group(rows, prefix, context.view(group.size, -1), torch.tensor(group.lengths))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: str) -> CausalLM:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from cache_service import CacheConfig, KVCache, Sequence
+from engine import decode_step
 from engine.attention import build_batch
 from engine.model import CausalLM
 
@@ -33,7 +34,7 @@ class ModelRunner:
     ) -> None:
         self.device = device
         self.model = CausalLM.from_pretrained(model_path, dtype=dtype, device=device)
-        self.fused_decode = fused_decode and self.model.use_fused_decode()  # CPU fp32 only
+        self.decode_step = decode_step.build(self.model) if fused_decode else None  # CPU fp32 only
         args = self.model.args
         probe = CacheConfig(args.num_layers, args.num_kv_heads, args.head_dim, 1, block_size, dtype, device)
         num_blocks = kv_cache_bytes // probe.bytes_per_block
@@ -61,14 +62,25 @@ class ModelRunner:
                 raise ValueError(f"chunk of {chunk.num_tokens} tokens but sequence {seq.seq_id} has {len(seq) - start}")
             ids.extend(seq.token_ids[start:end])
             positions.extend(seq.positions[start:end])
-        num_queries = [c.num_tokens for c in chunks]
-        batch = build_batch([c.seq for c in chunks], num_queries, self.cache.block_size, self.device)
-        if all_logits or len(ids) == len(chunks):  # every token's logits (e.g. an all-decode step)
+        seqs = [c.seq for c in chunks]
+        if self.decode_step is not None and len(ids) == len(chunks):  # decode-only: the C++ step
+            write_slots = [seq.slots[seq.num_computed] for seq in seqs]
+            groups = decode_step.decode_groups(seqs, self.cache.block_size)
+            logits = self.decode_step.forward(ids, positions, write_slots, groups, *self.kv)
+        else:
+            logits = self._forward(ids, positions, seqs, [c.num_tokens for c in chunks], all_logits)
+        for chunk in chunks:
+            self.cache.mark_computed(chunk.seq, chunk.seq.num_computed + chunk.num_tokens)
+        return logits
+
+    def _forward(
+        self, ids: list[int], positions: list[int], seqs: list[Sequence], num_queries: list[int], all_logits: bool
+    ) -> torch.Tensor:
+        """The PyTorch model over the step's tokens."""
+        batch = build_batch(seqs, num_queries, self.cache.block_size, self.device)
+        if all_logits or len(ids) == len(seqs):  # every token's logits (e.g. an all-decode step)
             rows = slice(None)
         else:
             rows = torch.tensor(num_queries, device=self.device).cumsum(0) - 1
         ids_and_positions = torch.tensor([ids, positions], device=self.device)  # one host-to-device copy
-        logits = self.model(ids_and_positions[0], ids_and_positions[1], batch, self.kv, rows)
-        for chunk in chunks:
-            self.cache.mark_computed(chunk.seq, chunk.seq.num_computed + chunk.num_tokens)
-        return logits
+        return self.model(ids_and_positions[0], ids_and_positions[1], batch, self.kv, rows)

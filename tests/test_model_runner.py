@@ -36,7 +36,7 @@ def random_tokens(n: int, seed: int) -> list[int]:
 def runner(checkpoint: Path, request: pytest.FixtureRequest) -> ModelRunner:
     """Both decode paths: the C++ step (decode-only steps without a shared prefix) and PyTorch."""
     runner = ModelRunner(checkpoint, kv_cache_bytes=4 * 2**20, block_size=8, fused_decode=request.param)
-    assert runner.fused_decode == request.param  # the C++ step builds here (make test installs g++)
+    assert (runner.decode_step is not None) == request.param  # the C++ step builds here (make test installs g++)
     return runner
 
 

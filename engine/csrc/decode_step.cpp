@@ -154,19 +154,21 @@ VECTOR_CLONES void attend_kv_head(const float* q, int64_t g, int64_t d, const fl
   }
 }
 
-// One decode group of engine/attention.py: its members' rows among the step's B tokens,
-// the slots of a cascade prefix they share (or none), and each member's own slots.
+using Slots = std::vector<int64_t>;
+
+// One decode group (engine.attention.share_groups): its members' rows among the step's B
+// tokens, the slots of a cascade prefix they share (empty: none), each member's own slots.
 struct Group {
-  at::Tensor rows;     // (size,) int64
-  Opt prefix;          // (P,) int64
-  at::Tensor context;  // (size, L) int64, padded
-  at::Tensor lengths;  // (size,) int64
+  Slots rows;
+  Slots prefix;
+  std::vector<Slots> contexts;
 };
 
 // Rows of a (slots, Hkv, D) layer at the given slots: a view when they are consecutive.
-at::Tensor slots_of(const at::Tensor& layer, const at::Tensor& slots) {
-  const int64_t n = slots.size(0), first = slots.data_ptr<int64_t>()[0];
-  return slots.data_ptr<int64_t>()[n - 1] == first + n - 1 ? layer.narrow(0, first, n) : layer.index_select(0, slots);
+at::Tensor slots_of(const at::Tensor& layer, const Slots& slots) {
+  const int64_t n = static_cast<int64_t>(slots.size()), first = slots[0];
+  if (slots[n - 1] == first + n - 1) return layer.narrow(0, first, n);
+  return layer.index_select(0, at::from_blob(const_cast<int64_t*>(slots.data()), {n}, at::kLong));
 }
 
 class DecodeStep {
@@ -190,19 +192,17 @@ class DecodeStep {
   }
 
   // Logits (B, vocab) for B sequences decoding one token each.
-  at::Tensor forward(const at::Tensor& ids,          // (B,) int64
-                     const at::Tensor& positions,    // (B,) int64
-                     const at::Tensor& write_slots,  // (B,) int64, where each new token's K/V goes
+  at::Tensor forward(const Slots& ids,          // (B,) token ids
+                     const Slots& positions,    // (B,)
+                     const Slots& write_slots,  // (B,) where each new token's K/V goes
                      const std::vector<Group>& groups,
                      const at::Tensor& k_pool,  // (layers, slots, Hkv, D) fp32
                      const at::Tensor& v_pool) const {
     c10::InferenceMode guard;
     TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous(), "the K/V pool must be contiguous");
     TORCH_CHECK(k_pool.scalar_type() == at::kFloat, "the fused decode step runs fp32 only");
-    const int64_t b = ids.size(0), hidden = embed_.size(1), d = d_, hq = hq_, hkv = hkv_;
+    const int64_t b = static_cast<int64_t>(ids.size()), hidden = embed_.size(1), d = d_, hq = hq_, hkv = hkv_;
     const int64_t qk_width = (hq + hkv) * d, row_width = (hq + 2 * hkv) * d;
-    const int64_t* pos = positions.data_ptr<int64_t>();
-    const int64_t* write = write_slots.data_ptr<int64_t>();
 
     // RoPE rotations per sequence and pair: (B, D/2) cos and sin, scaled as torch.polar does.
     const int64_t pairs = d / 2;
@@ -210,12 +210,16 @@ class DecodeStep {
     const float* inv_freq = inv_freq_.data_ptr<float>();
     for (int64_t s = 0; s < b; ++s)
       for (int64_t i = 0; i < pairs; ++i) {
-        const float angle = static_cast<float>(pos[s]) * inv_freq[i];
+        const float angle = static_cast<float>(positions[s]) * inv_freq[i];
         cosines[s * pairs + i] = rope_scale_ * std::cos(angle);
         sines[s * pairs + i] = rope_scale_ * std::sin(angle);
       }
 
-    at::Tensor x = embed_.index_select(0, ids);  // (B, hidden), the residual stream
+    at::Tensor x = at::empty({b, hidden}, embed_.options());  // (B, hidden), the residual stream
+    for (int64_t s = 0; s < b; ++s) {
+      TORCH_CHECK(0 <= ids[s] && ids[s] < embed_.size(0), "token id ", ids[s], " is outside the vocabulary");
+      std::copy_n(embed_.data_ptr<float>() + ids[s] * hidden, hidden, x.data_ptr<float>() + s * hidden);
+    }
     at::Tensor h = at::empty_like(x);            // normed input of each block
     at::Tensor attn = at::empty({b, hq * d}, x.options());
     float* xp = x.data_ptr<float>();
@@ -239,8 +243,8 @@ class DecodeStep {
             v[2 * i + 1] = re * sn + im * c;
           }
         }
-        std::copy(row + hq * d, row + qk_width, k_cache + write[s] * hkv * d);
-        std::copy(row + qk_width, row + row_width, v_cache + write[s] * hkv * d);
+        std::copy(row + hq * d, row + qk_width, k_cache + write_slots[s] * hkv * d);
+        std::copy(row + qk_width, row + row_width, v_cache + write_slots[s] * hkv * d);
       }
       attend(qkvp, k_layer, v_layer, groups, attn.data_ptr<float>());
       matmul_into(x, attn, w.o_t, w.o_bias, true);
@@ -280,16 +284,15 @@ class DecodeStep {
     std::vector<std::pair<size_t, int64_t>> members;  // (group, member): the loops' tasks, times Hkv
     for (size_t gi = 0; gi < groups.size(); ++gi) {
       const Group& group = groups[gi];
-      const int64_t size = group.rows.size(0);
-      const int64_t* rows = group.rows.data_ptr<int64_t>();
+      const int64_t size = static_cast<int64_t>(group.rows.size());
       for (int64_t m = 0; m < size; ++m) members.emplace_back(gi, m);
-      if (!group.prefix) continue;
+      if (group.prefix.empty()) continue;
       at::Tensor q = at::empty({size, hkv, g, d}, k_layer.options());  // -> (1, Hkv, size g, D)
       for (int64_t m = 0; m < size; ++m)
-        std::copy_n(qkv + rows[m] * row_width, hq_ * d, q.data_ptr<float>() + m * hq_ * d);
+        std::copy_n(qkv + group.rows[m] * row_width, hq_ * d, q.data_ptr<float>() + m * hq_ * d);
       q = q.permute({1, 0, 2, 3}).reshape({1, hkv, size * g, d});
-      at::Tensor kp = slots_of(k_layer, *group.prefix).transpose(0, 1).unsqueeze(0);  // (1, Hkv, P, D)
-      at::Tensor vp = slots_of(v_layer, *group.prefix).transpose(0, 1).unsqueeze(0);
+      at::Tensor kp = slots_of(k_layer, group.prefix).transpose(0, 1).unsqueeze(0);  // (1, Hkv, P, D)
+      at::Tensor vp = slots_of(v_layer, group.prefix).transpose(0, 1).unsqueeze(0);
       auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, kp, vp);
       prefix_out[gi] = o[0].contiguous();  // (Hkv, size g, D)
       prefix_lse[gi] = lse[0].contiguous();  // (Hkv, size g)
@@ -303,14 +306,14 @@ class DecodeStep {
         const auto [gi, m] = members[task / hkv];
         const int64_t kv = task % hkv;
         const Group& group = groups[gi];
-        const int64_t row = group.rows.data_ptr<int64_t>()[m], n = group.lengths.data_ptr<int64_t>()[m];
+        const Slots& own = group.contexts[m];
+        const int64_t row = group.rows[m], n = static_cast<int64_t>(own.size());
         float* o = out + row * hq_ * d + kv * g * d;  // (g, D)
         scores.resize(g * n);
         attend_kv_head(qkv + row * row_width + kv * g * d, g, d, k_cache + kv * d, v_cache + kv * d, hkv * d,
-                       group.context.data_ptr<int64_t>() + m * group.context.size(1), n, scores.data(), o,
-                       lse.data());
-        if (!group.prefix) continue;
-        const int64_t size = group.rows.size(0);
+                       own.data(), n, scores.data(), o, lse.data());
+        if (group.prefix.empty()) continue;
+        const int64_t size = static_cast<int64_t>(group.rows.size());
         const float* po = prefix_out[gi].data_ptr<float>() + (kv * size + m) * g * d;  // (g, D)
         const float* pl = prefix_lse[gi].data_ptr<float>() + kv * size * g + m * g;    // (g,)
         for (int64_t j = 0; j < g; ++j) {  // weights: each part's share of the softmax mass
@@ -332,8 +335,8 @@ class DecodeStep {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Group>(m, "Group")
-      .def(pybind11::init<at::Tensor, Opt, at::Tensor, at::Tensor>(), pybind11::arg("rows"), pybind11::arg("prefix"),
-           pybind11::arg("context"), pybind11::arg("lengths"));
+      .def(pybind11::init<Slots, Slots, std::vector<Slots>>(), pybind11::arg("rows"), pybind11::arg("prefix"),
+           pybind11::arg("contexts"));
   pybind11::class_<DecodeStep>(m, "DecodeStep")
       .def(pybind11::init<std::vector<std::vector<Opt>>, at::Tensor, at::Tensor, at::Tensor, at::Tensor, double,
                           double, int64_t, int64_t, int64_t>())
