@@ -18,3 +18,9 @@ RUN if echo "${RAY_IMAGE}" | grep -q gpu; then pip install --no-cache-dir torch=
     && pip install --no-cache-dir .
 # Ray's working directory on every pod: `cluster.serve:build` and `cluster.job` import from here.
 ENV PYTHONPATH=/app
+# The engine's fused CPU decode step (engine/csrc) is compiled here, once, into the image
+# user's ~/.cache/torch_extensions (g++; its hot loops are built for AVX-512, AVX2 and
+# plain x86-64, picked at run time).
+RUN sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends g++ \
+    && sudo rm -rf /var/lib/apt/lists/* \
+    && python -c "from engine.decode_step import extension; assert extension() is not None"
