@@ -166,8 +166,10 @@ struct Group {
 
 // Rows of a (slots, Hkv, D) layer at the given slots: a view when they are consecutive.
 at::Tensor slots_of(const at::Tensor& layer, const Slots& slots) {
-  const int64_t n = static_cast<int64_t>(slots.size()), first = slots[0];
-  if (slots[n - 1] == first + n - 1) return layer.narrow(0, first, n);
+  const int64_t n = static_cast<int64_t>(slots.size());
+  const bool consecutive =
+      std::adjacent_find(slots.begin(), slots.end(), [](int64_t a, int64_t b) { return b != a + 1; }) == slots.end();
+  if (consecutive) return layer.narrow(0, slots[0], n);
   return layer.index_select(0, at::from_blob(const_cast<int64_t*>(slots.data()), {n}, at::kLong));
 }
 
