@@ -226,9 +226,16 @@ class DecodeStep {
     at::Tensor attn = at::empty({b, hq * d}, x.options());
     float* xp = x.data_ptr<float>();
     float* hp = h.data_ptr<float>();
+    auto norm_rows = [&](const at::Tensor& weight) {  // h = RMSNorm(x) row by row
+      for (int64_t s = 0; s < b; ++s) rms_norm(xp + s * hidden, weight.data_ptr<float>(), hp + s * hidden, hidden, eps_);
+    };
+    // The attention loops' tasks, times Hkv: (group, member) for every member of every group.
+    std::vector<std::pair<size_t, int64_t>> members;
+    for (size_t gi = 0; gi < groups.size(); ++gi)
+      for (int64_t m = 0; m < static_cast<int64_t>(groups[gi].rows.size()); ++m) members.emplace_back(gi, m);
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& w = layers_[li];
-      for (int64_t s = 0; s < b; ++s) rms_norm(xp + s * hidden, w.input_norm.data_ptr<float>(), hp + s * hidden, hidden, eps_);
+      norm_rows(w.input_norm);
       at::Tensor qkv = matmul(h, w.qkv_t, w.qkv_bias);  // (B, (Hq + 2 Hkv) D)
       at::Tensor k_layer = k_pool[li], v_layer = v_pool[li];  // (slots, Hkv, D)
       float* k_cache = k_layer.data_ptr<float>();
@@ -248,9 +255,9 @@ class DecodeStep {
         std::copy(row + hq * d, row + qk_width, k_cache + write_slots[s] * hkv * d);
         std::copy(row + qk_width, row + row_width, v_cache + write_slots[s] * hkv * d);
       }
-      attend(qkvp, k_layer, v_layer, groups, attn.data_ptr<float>());
+      attend(qkvp, k_layer, v_layer, groups, members, attn.data_ptr<float>());
       matmul_into(x, attn, w.o_t, w.o_bias, true);
-      for (int64_t s = 0; s < b; ++s) rms_norm(xp + s * hidden, w.post_norm.data_ptr<float>(), hp + s * hidden, hidden, eps_);
+      norm_rows(w.post_norm);
       at::Tensor gate_up = matmul(h, w.gate_up_t, w.gate_up_bias);  // (B, 2 I)
       const int64_t inter = gate_up.size(1) / 2;
       at::Tensor act = at::empty({b, inter}, x.options());
@@ -264,7 +271,7 @@ class DecodeStep {
         }
       matmul_into(x, act, w.down_t, w.down_bias, true);
     }
-    for (int64_t s = 0; s < b; ++s) rms_norm(xp + s * hidden, norm_.data_ptr<float>(), hp + s * hidden, hidden, eps_);
+    norm_rows(norm_);
     if (!use_loops(b, lm_head_)) return at::mm(h, lm_head_.t());  // (B, vocab)
     const int64_t vocab = lm_head_.size(0);
     at::Tensor logits = at::empty({b, vocab}, x.options());
@@ -280,14 +287,12 @@ class DecodeStep {
   // head together as (1, Hkv, size g, D); each member's own slots are a task of the loops,
   // and the two parts combine by their log-sum-exps (exact).
   void attend(float* qkv, const at::Tensor& k_layer, const at::Tensor& v_layer, const std::vector<Group>& groups,
-              float* out) const {
+              const std::vector<std::pair<size_t, int64_t>>& members, float* out) const {
     const int64_t d = d_, hkv = hkv_, g = hq_ / hkv_, row_width = (hq_ + 2 * hkv_) * d;
     std::vector<at::Tensor> prefix_out(groups.size()), prefix_lse(groups.size());
-    std::vector<std::pair<size_t, int64_t>> members;  // (group, member): the loops' tasks, times Hkv
     for (size_t gi = 0; gi < groups.size(); ++gi) {
       const Group& group = groups[gi];
       const int64_t size = static_cast<int64_t>(group.rows.size());
-      for (int64_t m = 0; m < size; ++m) members.emplace_back(gi, m);
       if (group.prefix.empty()) continue;
       at::Tensor q = at::empty({size, hkv, g, d}, k_layer.options());  // -> (1, Hkv, size g, D)
       for (int64_t m = 0; m < size; ++m)
