@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cache_service import Sequence
 from engine.attention import build_batch
 from engine.model_runner import Chunk, ModelRunner
 from tests.checkpoints import VOCAB, load_reference
@@ -30,6 +31,33 @@ def reference_logits(
 
 def random_tokens(n: int, seed: int) -> list[int]:
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def merge_two_paths(runner: ModelRunner, prefix: int, paths: tuple[int, int], seed: int) -> Sequence:
+    """A merged (Multiverse) sequence: `prefix` tokens, two paths forked from them (of
+    `paths` tokens each, computed side by side), joined after the prefix."""
+    parent = runner.cache.allocate(random_tokens(prefix, seed=seed))
+    runner.forward([Chunk(parent, prefix)])
+    forks = runner.cache.fork(parent, 2)
+    for i, (path, n) in enumerate(zip(forks, paths, strict=True)):
+        runner.cache.append(path, random_tokens(n, seed=seed + 1 + i))
+    runner.forward([Chunk(p, n) for p, n in zip(forks, paths, strict=True)])
+    merged = runner.cache.merge(parent, forks)
+    for seq in (parent, *forks):
+        runner.cache.free(seq)
+    return merged
+
+
+def multiverse_mask(prefix: int, paths: tuple[int, int], length: int) -> torch.Tensor:
+    """(length, length) bool, True = may attend: causal, except that the two paths do not see
+    each other; the prefix and what follows the paths see everything before them."""
+    segment = [0] * prefix + [1] * paths[0] + [2] * paths[1] + [3] * (length - prefix - sum(paths))
+    mask = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    for i in range(length):
+        for j in range(i):
+            if {segment[i], segment[j]} == {1, 2}:
+                mask[i, j] = False
+    return mask
 
 
 @pytest.fixture(params=[True, False], ids=["fused", "pytorch"])
@@ -94,27 +122,12 @@ def test_merged_sequence_attends_as_multiverse_defines(runner: ModelRunner, ref:
     Reference: transformers on the concatenated tokens with the merged positions and a
     mask where each path sees the prefix and itself, and the conclusion sees everything.
     """
-    prefix = random_tokens(13, seed=5)
-    parent = runner.cache.allocate(prefix)
-    runner.forward([Chunk(parent, 13)])
-    paths = runner.cache.fork(parent, 2)
-    for i, path in enumerate(paths):
-        runner.cache.append(path, random_tokens(5 + 3 * i, seed=20 + i))
-    runner.forward([Chunk(p, len(p) - 13) for p in paths])
-    merged = runner.cache.merge(parent, paths)
-    for seq in (parent, *paths):
-        runner.cache.free(seq)
-    runner.cache.append(merged, random_tokens(6, seed=30))
+    merged = merge_two_paths(runner, 13, (5, 8), seed=5)
+    runner.cache.append(merged, random_tokens(6, seed=30))  # the conclusion
     got = runner.forward([Chunk(merged, 6)], all_logits=True)
 
-    length = len(merged)
-    segment = [0] * 13 + [1] * 5 + [2] * 8 + [3] * 6  # prefix, path 1, path 2, conclusion
-    mask = torch.tril(torch.ones(length, length, dtype=torch.bool))
-    for i in range(length):
-        for j in range(i):
-            if segment[i] in (1, 2) and segment[j] in (1, 2) and segment[i] != segment[j]:
-                mask[i, j] = False
     assert merged.positions[-6:] == list(range(21, 27))  # after the longest path (13 + 8)
+    mask = multiverse_mask(13, (5, 8), len(merged))
     want = reference_logits(ref, merged.token_ids, merged.positions, mask)[-6:]
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     runner.cache.free(merged)
@@ -126,15 +139,7 @@ def test_decode_only_step_of_every_group_kind(runner: ModelRunner, ref: torch.nn
     """Decode-only steps (the fused C++ step's case) mixing forked children that share a
     prefix (a cascade group, rows interleaved with others), sequences of different lengths
     (padded) and a merged sequence (positions that are not slot indices)."""
-    parent = runner.cache.allocate(random_tokens(11, seed=70))
-    runner.forward([Chunk(parent, 11)])
-    paths = runner.cache.fork(parent, 2)
-    for i, path in enumerate(paths):
-        runner.cache.append(path, random_tokens(4 + 5 * i, seed=71 + i))
-    runner.forward([Chunk(p, len(p) - 11) for p in paths])
-    merged = runner.cache.merge(parent, paths)
-    for seq in (parent, *paths):
-        runner.cache.free(seq)
+    merged = merge_two_paths(runner, 11, (4, 9), seed=70)
     others = [runner.cache.allocate(random_tokens(n, seed=80 + n)) for n in (3, 26, 35)]
     runner.forward([Chunk(s, len(s)) for s in others])
     children = runner.cache.fork(others[2], 3)
@@ -151,15 +156,7 @@ def test_decode_only_step_of_every_group_kind(runner: ModelRunner, ref: torch.nn
         assert batch.decodes[1].mask is not None  # padded
         got = runner.forward([Chunk(s, 1) for s in seqs])
         for logits, seq in zip(got, seqs, strict=True):
-            mask = None
-            if seq is merged:  # each path sees the prefix and itself; what follows sees all
-                n = len(seq)
-                segment = [0] * 11 + [1] * 4 + [2] * 9 + [3] * (n - 24)
-                mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
-                for a in range(n):
-                    for b in range(a):
-                        if {segment[a], segment[b]} == {1, 2}:
-                            mask[a, b] = False
+            mask = multiverse_mask(11, (4, 9), len(seq)) if seq is merged else None
             want = reference_logits(ref, seq.token_ids, seq.positions, mask)[-1]
             torch.testing.assert_close(logits, want, atol=ATOL, rtol=0, msg=f"step {step}")
     runner.cache.check_integrity()
