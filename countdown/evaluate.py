@@ -53,15 +53,15 @@ def model_format(path: Path) -> str:
 
 
 def options_for(fmt: str, max_threads: int) -> ForkJoinOptions:
-    if fmt == "sequential":
-        return ForkJoinOptions(protocol="threadweaver", sampling=SamplingParams(max_new_tokens=1600))
-    return ForkJoinOptions(
+    if fmt == "sequential":  # the trained context is 2048 tokens, the prompt ~15 of them
+        return ForkJoinOptions(protocol="threadweaver", sampling=SamplingParams(max_new_tokens=2000))
+    return ForkJoinOptions(  # the search: a root forking up to 8 ways, children up to 12
         **SERVE_OPTIONS,
         max_depth=2,
-        max_fanout=8,
+        max_fanout=12,
         max_threads=max_threads,
-        child_max_tokens=200,
-        max_total_tokens=6000,
+        child_max_tokens=400,
+        max_total_tokens=8000,
         sampling=SamplingParams(max_new_tokens=400),
     )
 

@@ -53,17 +53,19 @@ def apply(a: int, op: str, b: int) -> int | None:
     return r if 0 < r < MAX_VALUE else None
 
 
-def moves(nums: tuple[int, ...]) -> list[tuple[Move, tuple[int, ...]]]:
-    """Every legal move from a state: (the move, the numbers left after it), larger operand first."""
+def moves(nums: tuple[int, ...], pairs: int | None = None) -> list[tuple[Move, tuple[int, ...]]]:
+    """Every legal move from a state: (the move, the numbers left after it), larger operand
+    first, pair by pair in index order ((0, 1), (0, 2), ..., then + - * /); `pairs` keeps
+    only the moves of the first so many pairs."""
     out = []
-    for i in range(len(nums)):
-        for j in range(i + 1, len(nums)):
-            a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
-            rest = tuple(n for k, n in enumerate(nums) if k not in (i, j))
-            for op in "+-*/":
-                r = apply(a, op, b)
-                if r is not None:
-                    out.append((Move(a, op, b, r), tuple(sorted((*rest, r), reverse=True))))
+    index_pairs = [(i, j) for i in range(len(nums)) for j in range(i + 1, len(nums))]
+    for i, j in index_pairs[:pairs]:
+        a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
+        rest = tuple(n for k, n in enumerate(nums) if k not in (i, j))
+        for op in "+-*/":
+            r = apply(a, op, b)
+            if r is not None:
+                out.append((Move(a, op, b, r), tuple(sorted((*rest, r), reverse=True))))
     return out
 
 

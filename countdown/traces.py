@@ -1,12 +1,13 @@
 """Search traces for Countdown, in two forms of the same search.
 
-The search: the root lists promising first moves as outlines and forks one child per
-outline; each child (3 numbers left) lists promising second moves and forks one
-grandchild per outline; each grandchild (2 numbers left) tries + - * / against the
-target. Moves are ranked by how close their result is to the target; how many are
-listed (the fan-out) is decided per state: up to the first move that leads to a
-solution, plus one, within bounds — so the model learns to fork wider when the easy
-moves do not work. A `T<n> ` prompt prefix caps the root's fan-out at n.
+The search: the root lists the moves of its two first pairs of numbers (the largest with
+the second, the largest with the third; every legal operator) as outlines and forks one
+child per outline; each child (3 numbers left) lists every legal move and forks one
+grandchild per move; each grandchild (2 numbers left) tries + - * / against the target.
+Every step is a rule the model can follow from what is right before it (no ranking, no
+look-ahead), and the fan-out is the number of legal moves, so it varies with the problem
+(an exact division, a product below 1000, equal numbers). A `T<n> ` prompt prefix caps
+the root's fan-out at n.
 
 - parallel (ThreadWeaver format): the whole search as a tree of segments, each thread
   seeing exactly the context Braid gives it — its parent's context, its header
@@ -20,13 +21,13 @@ moves do not work. A `T<n> ` prompt prefix caps the root's fan-out at n.
 
 The prompt lists the numbers in descending order, as every state in the trace does.
 
-An outline carries the move and the numbers it leaves (`44+8=52:52 12 3`), and a
-thread's header repeats its outline, so every thread computes only from what is right
-before it. Example (parallel), prompt `44 12 8 3>43\\n`:
+An outline carries the move, the numbers it leaves and the target (`44+8=52:52 12 3>43`),
+and a thread's header repeats its outline, so every thread computes only from what is
+right before it. Example (parallel), prompt `44 12 8 3>43\\n`:
 
-    root:       <Parallel>\\n<Outlines>\\n<Outline>44+8=52:52 12 3</Outline>\\n...</Outlines>
-    child:      <Thread>\\n1:44+8=52:52 12 3\\n<Parallel>\\n<Outlines>\\n<Outline>52-12=40:40 3</Outline>...
-    grandchild: <Thread>\\n1:52-12=40:40 3\\n40+3=43 found\\n</Thread>
+    root:       <Parallel>\\n<Outlines>\\n<Outline>44+12=56:56 8 3>43</Outline>\\n...</Outlines>
+    child:      <Thread>\\n3:44+8=52:52 12 3>43\\n<Parallel>\\n<Outlines>\\n<Outline>52+12=64:64 3>43</Outline>...
+    grandchild: <Thread>\\n1:32+8=40:40 3>43\\n40+3=43:43 found\\n</Thread>
     child, after its join:  52-12=40,40+3=43 found\\n</Thread>
     root, after its join:   44+8=52,52-12=40,40+3=43\\n<eos>
 """
@@ -36,10 +37,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from countdown.problems import Move, Problem, apply, moves, solve
+from countdown.problems import Move, Problem, apply, moves
 
-ROOT_FANOUT = (2, 6)
-CHILD_FANOUT = (2, 4)
+ROOT_PAIRS = 2  # the root forks on the moves of its first two pairs of numbers
 SEQUENTIAL_MARKS = {
     "<Parallel>": "{", "</Parallel>": "}", "<Outlines>": "(", "</Outlines>": ")",
     "<Outline>": "[", "</Outline>": "]", "<Thread>": "|", "</Thread>": ";",
@@ -62,6 +62,7 @@ class Node:
 
     moves: list[Move]  # the moves it lists as outlines
     states: list[tuple[int, ...]]  # the numbers left after each of them
+    target: int
     children: list[Node]
     tail: str  # own text after the join (conclusion), or a leaf's whole text
     found: str | None  # the chain of moves it found
@@ -71,8 +72,8 @@ class Node:
         return next((i for i, c in enumerate(self.children) if c.found), None)
 
     def outline(self, i: int) -> str:
-        """An outline: the move and the numbers it leaves, e.g. `44+8=52:52 12 3`."""
-        return f"{self.moves[i]}:{' '.join(map(str, self.states[i]))}"
+        """An outline: the move, the numbers it leaves and the target, e.g. `44+8=52:52 12 3>43`."""
+        return f"{self.moves[i]}:{' '.join(map(str, self.states[i]))}>{self.target}"
 
     def header(self, i: int) -> str:
         """Child i's header, as Braid's ThreadWeaver protocol writes it."""
@@ -116,25 +117,13 @@ def prompt(problem: Problem, threads: int | None = None) -> str:
     return f"{cap}{' '.join(map(str, sorted(problem.nums, reverse=True)))}>{problem.target}\n"
 
 
-def ranked(state: tuple[int, ...], target: int) -> list[tuple[Move, tuple[int, ...]]]:
-    return sorted(moves(state), key=lambda m: (abs(m[0].result - target), str(m[0])))
-
-
-def fanout(options: list[tuple[Move, tuple[int, ...]]], target: int, bounds: tuple[int, int]) -> int:
-    low, high = bounds
-    first = next((i for i, (_, rest) in enumerate(options) if solve(rest, target) is not None), high)
-    return max(low, min(high, first + 1, len(options)))
-
-
 def search(state: tuple[int, ...], target: int, cap: int | None = None) -> Node:
     """The search tree below `state` (numbers sorted descending)."""
     if len(state) == 2:
         return _leaf(state, target)
-    options = ranked(state, target)
-    k = fanout(options, target, ROOT_FANOUT if len(state) == 4 else CHILD_FANOUT)
-    chosen = options[: min(k, cap) if cap else k]
-    children = [search(rest, target) for _, rest in chosen]
-    node = Node([m for m, _ in chosen], [rest for _, rest in chosen], children, "", None)
+    options = moves(state, ROOT_PAIRS if len(state) == 4 else None)[:cap]
+    children = [search(rest, target) for _, rest in options]
+    node = Node([m for m, _ in options], [rest for _, rest in options], target, children, "", None)
     if node.winner is not None:
         node.found = f"{node.moves[node.winner]},{children[node.winner].found}"
     if len(state) == 4:
@@ -145,6 +134,9 @@ def search(state: tuple[int, ...], target: int, cap: int | None = None) -> Node:
 
 
 def _leaf(state: tuple[int, ...], target: int) -> Node:
+    """Each try writes its result next to the target (`66-17=49:49 found`): the model compares
+    two numbers side by side (comparing with the header's target, a line or more back,
+    it never learned: P(found) was the same for hits and misses)."""
     a, b = state
     lines, found = [], None
     for op in "+-*/":
@@ -152,23 +144,29 @@ def _leaf(state: tuple[int, ...], target: int) -> Node:
         if r is None:
             continue
         eq = f"{a}{op}{b}={r}"
-        lines.append(f"{eq} found\n" if r == target else f"{eq}\n")
+        lines.append(f"{eq}:{target} found\n" if r == target else f"{eq}:{target}\n")
         if r == target:
             found = eq
             break
     lines.append("" if found else "none\n")
-    return Node([], [], [], "".join(lines) + "</Thread>", found)
+    return Node([], [], target, [], "".join(lines) + "</Thread>", found)
 
 
-def parallel(problem: Problem, threads: int | None = None) -> list[Segment]:
-    """The parallel search as a tree of segments, root first; the root's last segment is its answer."""
+def parallel(
+    problem: Problem, threads: int | None = None, keep: int = 0, rng: random.Random | None = None
+) -> list[Segment]:
+    """The parallel search as a tree of segments, root first; the root's last segment is its answer.
+
+    `keep` > 0 packs, of each fork's children, only the one that found the target and
+    random others up to `keep` (a training sample of the search: a search has ~40 leaves,
+    alike); every kept thread still sees exactly its full context, joins included."""
     root = search(tuple(sorted(problem.nums, reverse=True)), problem.target, threads)
     segments = [Segment(prompt(problem, threads), False, None, 0)]
-    _pack(root, segments)
+    _pack(root, segments, keep, rng or random.Random(0))
     return segments
 
 
-def _pack(node: Node, out: list[Segment]) -> None:
+def _pack(node: Node, out: list[Segment], keep: int, rng: random.Random) -> None:
     """Append `node`'s thread (its parent chain ends at out[-1]) and, depth first, its children's."""
     thread = out[-1].thread
     if not node.children:  # a leaf: its tries, all its own
@@ -176,9 +174,14 @@ def _pack(node: Node, out: list[Segment]) -> None:
         return
     out.append(Segment(node.fork_text(), True, len(out) - 1, thread))
     fork = len(out) - 1
-    for i, child in enumerate(node.children):
+    packed = range(len(node.children))
+    if keep:
+        winner = [] if node.winner is None else [node.winner]
+        others = [i for i in packed if i != node.winner]
+        packed = sorted(winner + rng.sample(others, min(len(others), keep - len(winner))))
+    for i in packed:
         out.append(Segment(node.header(i), False, fork, 1 + max(s.thread for s in out)))
-        _pack(child, out)
+        _pack(node.children[i], out, keep, rng)
     out.append(Segment(node.join_text(), False, fork, thread))
     out.append(Segment(node.tail, True, len(out) - 1, thread))
 
@@ -199,4 +202,4 @@ def sequential(problem: Problem, threads: int | None = None) -> list[Segment]:
 
 def sample_threads(rng: random.Random) -> int | None:
     """A root fan-out cap for a training prompt: none most of the time."""
-    return rng.randint(1, ROOT_FANOUT[1]) if rng.random() < 0.3 else None
+    return rng.randint(1, 4) if rng.random() < 0.3 else None  # the root forks 4 ways most often

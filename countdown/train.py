@@ -61,18 +61,30 @@ class Example:
     parents: list[int]  # parent segment index of each segment (-1: none)
 
 
-def encode(tokenizer, segments: list[traces.Segment], eos: int, root_weight: float = 1.0) -> Example:
+def encode(
+    tokenizer, segments: list[traces.Segment], eos: int, root_weight: float = 1.0, decision_weight: float = 1.0
+) -> Example:
     """Tokens of every segment in order; the root's answer (the last segment) ends with EOS.
 
-    The root's own tokens weigh `root_weight` in the loss: a search has one root and a
-    dozen children, yet every answer starts with the root's first moves."""
+    The root's own tokens weigh `root_weight` in the loss: a search has one root and dozens
+    of threads, yet every answer starts with the root's outlines. A space or new line
+    right after a number (a try's verdict: ` found` or not) weighs `decision_weight`:
+    the rare hits otherwise teach only the prior."""
     ids: list[int] = []
     loss: list[float] = []
     segment: list[int] = []
+    space, newline, f = (tokenizer.token_to_id(c) for c in (" ", "\n", "f"))
+    digits = {tokenizer.token_to_id(str(d)) for d in range(10)}
+
+    def verdict(part: list[int], i: int) -> bool:  # ` found` or a new line, right after a number
+        after = part[i + 1] if i + 1 < len(part) else None
+        return i > 0 and part[i - 1] in digits and (part[i] == newline or (part[i] == space and after == f))
+
     for index, seg in enumerate(segments):
         part = tokenizer.encode(seg.text).ids + ([eos] if index == len(segments) - 1 else [])
+        weight = (root_weight if seg.thread == 0 else 1.0) * seg.generated
+        loss += [weight * (decision_weight if verdict(part, i) else 1.0) for i in range(len(part))]
         ids += part
-        loss += [(root_weight if seg.thread == 0 else 1.0) * seg.generated] * len(part)
         segment += [index] * len(part)
     return Example(ids, loss, segment, [-1 if s.parent is None else s.parent for s in segments])
 
@@ -93,12 +105,22 @@ def tree_mask(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, mask.sum(dim=1) - 1
 
 
-def examples(fmt: str, count: int, seed: int, tokenizer, eos: int, root_weight: float = 1.0) -> list[Example]:
+def examples(
+    fmt: str,
+    count: int,
+    seed: int,
+    tokenizer,
+    eos: int,
+    root_weight: float = 1.0,
+    keep: int = 0,
+    decision_weight: float = 1.0,
+) -> list[Example]:
     rng = random.Random(seed)
-    make = traces.sequential if fmt == "sequential" else traces.parallel
     out = []
     for problem in problems.splits(count, 0, 0)["train"]:
-        example = encode(tokenizer, make(problem, traces.sample_threads(rng)), eos, root_weight)
+        cap = traces.sample_threads(rng)
+        segments = traces.sequential(problem, cap) if fmt == "sequential" else traces.parallel(problem, cap, keep, rng)
+        example = encode(tokenizer, segments, eos, root_weight, decision_weight)
         if len(example.ids) <= MAX_LEN:
             out.append(example)
     return out
@@ -176,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--size", choices=["tiny", "small"], default="small")
     parser.add_argument("--root-weight", type=float, default=4.0, help="loss weight of the root thread's tokens")
+    parser.add_argument("--decision-weight", type=float, default=10.0, help="loss weight of a try's verdict token")
+    parser.add_argument("--keep", type=int, default=2, help="children packed per fork (0: all; parallel only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--resume", action="store_true")
@@ -193,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     eos, pad = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
 
     started = time.time()
-    data = examples(args.format, args.problems, args.seed, tokenizer, eos, args.root_weight)
+    data = examples(
+        args.format, args.problems, args.seed, tokenizer, eos, args.root_weight, args.keep, args.decision_weight
+    )
     tokens = sum(len(example.ids) for example in data)
     print(f"{len(data)} sequences, {tokens} tokens from {args.problems} problems ({time.time() - started:.0f}s)")
 
@@ -281,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                 "final_loss": losses[-1][1] if losses else None,
                 "init_from": str(args.init_from) if args.init_from else None,
                 "root_weight": args.root_weight,
+                "keep": args.keep,
+                "decision_weight": args.decision_weight,
             }
             (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     progress.close()

@@ -73,6 +73,35 @@ def test_packed_search_shows_each_thread_exactly_its_context() -> None:
     assert traces.prompt(problem).startswith("44 12 8 3>43")
 
 
+def test_a_training_sample_of_the_search_keeps_the_winners_and_every_context() -> None:
+    """`keep` packs at most that many children per fork, the one that found the target among
+    them; each kept thread's view is the same as in the whole search."""
+    import random
+
+    problem = Problem((44, 8, 12, 3), 43)
+    whole = traces.parallel(problem)
+    sample = traces.parallel(problem, keep=2, rng=random.Random(1))
+    assert len(sample) < len(whole) and sample[-1].text == whole[-1].text  # the same answer, fewer threads
+
+    def views(segments: list[traces.Segment]) -> set[str]:
+        out = set()
+        for index in range(len(segments)):
+            chain, at = [], index
+            while at is not None:
+                chain.insert(0, segments[at].text)
+                at = segments[at].parent
+            out.add("".join(chain))
+        return out
+
+    assert views(sample) <= views(whole)
+    for index, seg in enumerate(sample):
+        if seg.text.startswith("<Parallel>"):
+            headers = [s for s in sample if s.parent == index and s.text.startswith("<Thread>")]
+            assert 1 <= len(headers) <= 2
+    found = [s.text for s in sample if s.generated and "found" in s.text]
+    assert "40+3=43:43 found\n</Thread>" in found and "32+8=40,40+3=43 found\n</Thread>" in found
+
+
 def test_packed_logits_equal_each_thread_run_alone() -> None:
     """The packed batch computes, for every trained token, the logits the model gives that
     token with its thread's view as a plain sequence."""
@@ -139,7 +168,8 @@ def test_verifier_rejects_a_wrong_found_and_passes_honest_threads() -> None:
 
 def test_tokenizer_round_trips_and_loads_with_auto_tokenizer(tmp_path: Path) -> None:
     tokenizer = build()
-    text = traces.prompt(Problem((44, 8, 12, 3), 43)) + "<Parallel>\n<Outlines>\n<Outline>44+8=52:52 12 3</Outline>\n"
+    outline = "<Parallel>\n<Outlines>\n<Outline>44+8=52:52 12 3>43</Outline>\n"
+    text = traces.prompt(Problem((44, 8, 12, 3), 43)) + outline
     ids = tokenizer.encode(text).ids
     assert tokenizer.decode(ids) == text and ids.count(tokenizer.token_to_id("<Outline>")) == 1
     save(tokenizer, tmp_path)
@@ -180,9 +210,9 @@ def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 
 # Test problems the shipped model solves (found by `countdown.evaluate` on the test split;
-# it solves 4.3% of 1000): a regression guard that it still reasons to right answers.
-SOLVED = [Problem((78, 91, 36, 95), 72), Problem((15, 41, 78, 70), 18), Problem((67, 90, 69, 41), 47),
-          Problem((69, 83, 90, 96), 34)]  # fmt: skip
+# it solves about a third of them): a regression guard that it still reasons to right answers.
+SOLVED = [Problem((73, 23, 26, 33), 57), Problem((57, 63, 24, 8), 12), Problem((20, 22, 91, 97), 12),
+          Problem((77, 4, 13, 26), 42)]  # fmt: skip
 
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="no shipped checkpoint")
@@ -193,7 +223,7 @@ def test_shipped_checkpoint_runs_as_served_and_solves_fixed_problems() -> None:
     from countdown.evaluate import evaluate
     from engine.engine import Engine
 
-    engine = Engine(SHIPPED, kv_cache_bytes=64 * 2**20)
+    engine = Engine(SHIPPED, kv_cache_bytes=256 * 2**20)  # 12 searches of ~40 threads at once
     fixed = problems.splits(0, 0, 8)["test"] + SOLVED
     outcomes = evaluate(SHIPPED, fixed, progress=False, engine=engine, concurrency=16)
     assert all(o.result.finish_reason in ("stop", "length") for o in outcomes)
@@ -203,3 +233,28 @@ def test_shipped_checkpoint_runs_as_served_and_solves_fixed_problems() -> None:
     assert [o.correct for o in outcomes[-len(SOLVED) :]] == [True] * len(SOLVED)
     engine.cache.check_integrity()
     assert engine.cache.stats().used_blocks == 0
+
+
+def test_diagnose_counts_every_step_of_the_search_once() -> None:
+    """The teacher-forced diagnosis sees each generated segment once, sorted by kind, and
+    each leaf verdict once; a step is exact only when all its tokens are."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from countdown.diagnose import diagnose
+    from countdown.train import model_config
+
+    tokenizer = build()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        model_config(tokenizer.get_vocab_size(), tokenizer.token_to_id("<eos>"), tokenizer.token_to_id("<pad>"), "tiny")
+    ).eval()
+    chosen = problems.generate(3, seed=13)
+    result = diagnose(model, chosen)
+    searches = [traces.parallel(p) for p in chosen]
+    leaves = [s.text for segs in searches for s in segs if s.generated and not s.text.startswith("<Parallel>")]
+    leaf_tries = [line for text in leaves for line in text.splitlines() if ":" in line]  # `a+b=r:T` lines
+    assert result["root fork"]["steps"] == result["root end"]["steps"] == 3
+    assert result["leaf hit"]["steps"] == sum(line.endswith(" found") for line in leaf_tries)
+    assert result["leaf miss"]["steps"] == sum(not line.endswith(" found") for line in leaf_tries)
+    assert all(0 <= row["exact"] <= row["token_accuracy"] <= 1 for row in result.values())

@@ -1,0 +1,100 @@
+"""Where a Countdown checkpoint goes wrong: each step of the search, teacher-forced.
+
+    python -m countdown.diagnose --model countdown/model --limit 100
+
+Every thread of the traces' search (the test split) is given its exact context, and the
+model's greedy choice is checked at every token it would write: a step is right when all
+of its tokens are. Steps are grouped by kind (the root's fork and answer, a child's fork
+and conclusion, a leaf's tries), so a low accuracy points at the step to fix; an end to
+end evaluation (`countdown.evaluate`) only says that some step failed. The leaf's
+decision after each try is also counted apart: "leaf hit" (the result is the target: is
+" found" chosen?) and "leaf miss" (it is not: is a new line chosen?). Parallel
+checkpoints only. Prints a table, and last a line of JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from countdown import problems, traces
+from countdown.evaluate import DEFAULT_MODEL
+from countdown.tokenizer import EOS, build
+from countdown.train import encode, tree_mask
+
+KINDS = ("root", "child", "leaf")  # by depth
+
+
+def step_kind(segments: list[traces.Segment], index: int, depth: dict[int, int]) -> str:
+    seg = segments[index]
+    role = "fork" if seg.text.startswith("<Parallel>") else "end"
+    return f"{KINDS[depth[seg.thread]]} {role}"
+
+
+def diagnose(model: LlamaForCausalLM, search_problems: list[problems.Problem]) -> dict[str, dict[str, float]]:
+    """Per kind of step: how many there were, the share exactly right, the share of right tokens."""
+    tokenizer = build()
+    eos = tokenizer.token_to_id(EOS)
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # steps, right steps, tokens, right tokens
+    for problem in search_problems:
+        segments = traces.parallel(problem)
+        example = encode(tokenizer, segments, eos)
+        mask, positions = tree_mask(example)
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.tensor([example.ids]), attention_mask=mask[None, None], position_ids=positions[None]
+            ).logits[0]  # [L, vocab]
+        predicted = logits.argmax(-1).tolist()
+        depth = {0: 0}
+        for seg in segments:
+            if seg.parent is not None and seg.thread not in depth:
+                depth[seg.thread] = depth[segments[seg.parent].thread] + 1
+        tokens_of: dict[int, list[int]] = defaultdict(list)
+        for at, index in enumerate(example.segment):
+            tokens_of[index].append(at)
+        for index, seg in enumerate(segments):
+            if not seg.generated:
+                continue
+            own = tokens_of[index]
+            before = [tokens_of[seg.parent][-1], *own[:-1]]  # the position that predicts each token
+            right = [predicted[b] == example.ids[t] for b, t in zip(before, own, strict=True)]
+            row = counts[step_kind(segments, index, depth)]
+            row[0] += 1
+            row[1] += all(right)
+            row[2] += len(right)
+            row[3] += sum(right)
+            if row is counts["leaf end"]:  # the decision after each try: " found" or a new line
+                for t, ok in zip(own[1:], right[1:], strict=True):
+                    digit_before = tokenizer.id_to_token(example.ids[t - 1]).isdigit()
+                    decision = {" ": "leaf hit", "\n": "leaf miss"}.get(tokenizer.id_to_token(example.ids[t]))
+                    if digit_before and decision:
+                        counts[decision][0] += 1
+                        counts[decision][1] += ok
+                        counts[decision][2] += 1
+                        counts[decision][3] += ok
+    return {
+        kind: {"steps": n, "exact": good / n, "token_accuracy": good_tokens / tokens}
+        for kind, (n, good, tokens, good_tokens) in sorted(counts.items())
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="checkpoint folder (parallel format)")
+    parser.add_argument("--limit", type=int, default=100, help="first N test problems")
+    args = parser.parse_args(argv)
+    model = LlamaForCausalLM.from_pretrained(args.model).eval()
+    result = diagnose(model, problems.splits(0, 0, args.limit)["test"])
+    print(f"{'step':<11} {'count':>6} {'exact':>7} {'tokens':>7}")
+    for kind, row in result.items():
+        print(f"{kind:<11} {row['steps']:>6} {row['exact']:>7.1%} {row['token_accuracy']:>7.1%}")
+    print(json.dumps({"model": str(args.model), "problems": args.limit, "steps": result}))
+
+
+if __name__ == "__main__":
+    main()
