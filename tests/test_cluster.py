@@ -91,6 +91,9 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory):
 
 OPTIONS = {"protocol": "threadweaver", "join_policy": "first_success", "max_total_tokens": 300,
            "sampling": {"max_new_tokens": 200}}  # fmt: skip  # the root's fork: 4-8 outlines, ~25 tokens each
+# The whole search, uncut: its children have enough work left to be worth sending to another
+# replica, and one replica gives the same answer.
+WHOLE = {"max_total_tokens": 8000}
 
 
 def test_concurrent_requests_spread_over_replicas(coordinator) -> None:
@@ -124,7 +127,7 @@ def one_replica_answer(model: Path, prompt: str, options: dict) -> dict:
 
 def test_forked_children_spread_over_replicas_with_the_prefix_sent_exactly(coordinator) -> None:
     prompt = "92 51 8 3>49\n"
-    options = {**OPTIONS, "join_policy": "all", "max_total_tokens": 8000}  # no cut: the same answer on one replica
+    options = {**OPTIONS, "join_policy": "all", **WHOLE}
     result = ray.get(coordinator.generate.remote(prompt, options))
     here = result["replica"]
     remote = [t for t in result["threads"] if t["replica"] is not None]
@@ -195,7 +198,7 @@ def test_a_replica_killed_mid_request_is_survived(coordinator) -> None:
             time.sleep(1)
     end = time.monotonic() + 60
     while time.monotonic() < end:  # the coordinator connects it again; then children spill to it
-        result = ray.get(coordinator.generate.remote("92 51 8 3>49\n", {**OPTIONS, "join_policy": "all"}))
+        result = ray.get(coordinator.generate.remote("92 51 8 3>49\n", {**OPTIONS, "join_policy": "all", **WHOLE}))
         if any(t["replica"] is not None for t in result["threads"]):
             break
         time.sleep(1)
