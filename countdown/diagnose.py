@@ -25,7 +25,7 @@ from transformers import LlamaForCausalLM
 from countdown import problems, traces
 from countdown.evaluate import DEFAULT_MODEL
 from countdown.tokenizer import EOS, build
-from countdown.train import encode, tree_mask
+from countdown.train import encode, tree_mask, verdicts
 
 KINDS = ("root", "child", "leaf")  # by depth
 
@@ -34,6 +34,14 @@ def step_kind(segments: list[traces.Segment], index: int, depth: dict[int, int])
     seg = segments[index]
     role = "fork" if seg.text.startswith("<Parallel>") else "end"
     return f"{KINDS[depth[seg.thread]]} {role}"
+
+
+def tally(row: list[int], right: list[bool]) -> None:
+    """Count one step into `row` (steps, right steps, tokens, right tokens)."""
+    row[0] += 1
+    row[1] += all(right)
+    row[2] += len(right)
+    row[3] += sum(right)
 
 
 def diagnose(model: LlamaForCausalLM, search_problems: list[problems.Problem]) -> dict[str, dict[str, float]]:
@@ -63,20 +71,13 @@ def diagnose(model: LlamaForCausalLM, search_problems: list[problems.Problem]) -
             own = tokens_of[index]
             before = [tokens_of[seg.parent][-1], *own[:-1]]  # the position that predicts each token
             right = [predicted[b] == example.ids[t] for b, t in zip(before, own, strict=True)]
-            row = counts[step_kind(segments, index, depth)]
-            row[0] += 1
-            row[1] += all(right)
-            row[2] += len(right)
-            row[3] += sum(right)
-            if row is counts["leaf end"]:  # the decision after each try: " found" or a new line
-                for t, ok in zip(own[1:], right[1:], strict=True):
-                    digit_before = tokenizer.id_to_token(example.ids[t - 1]).isdigit()
-                    decision = {" ": "leaf hit", "\n": "leaf miss"}.get(tokenizer.id_to_token(example.ids[t]))
-                    if digit_before and decision:
-                        counts[decision][0] += 1
-                        counts[decision][1] += ok
-                        counts[decision][2] += 1
-                        counts[decision][3] += ok
+            kind = step_kind(segments, index, depth)
+            tally(counts[kind], right)
+            if kind == "leaf end":  # the verdict after each try: " found" or a new line
+                ids = [example.ids[t] for t in own]
+                for t, ok, verdict in zip(ids, right, verdicts(tokenizer, ids), strict=True):
+                    if verdict:
+                        tally(counts["leaf hit" if tokenizer.id_to_token(t) == " " else "leaf miss"], [ok])
     return {
         kind: {"steps": n, "exact": good / n, "token_accuracy": good_tokens / tokens}
         for kind, (n, good, tokens, good_tokens) in sorted(counts.items())

@@ -73,20 +73,23 @@ def encode(
     ids: list[int] = []
     loss: list[float] = []
     segment: list[int] = []
-    space, newline, f = (tokenizer.token_to_id(c) for c in (" ", "\n", "f"))
-    digits = {tokenizer.token_to_id(str(d)) for d in range(10)}
-
-    def verdict(part: list[int], i: int) -> bool:  # ` found` or a new line, right after a number
-        after = part[i + 1] if i + 1 < len(part) else None
-        return i > 0 and part[i - 1] in digits and (part[i] == newline or (part[i] == space and after == f))
-
     for index, seg in enumerate(segments):
         part = tokenizer.encode(seg.text).ids + ([eos] if index == len(segments) - 1 else [])
         weight = (root_weight if seg.thread == 0 else 1.0) * seg.generated
-        loss += [weight * (decision_weight if verdict(part, i) else 1.0) for i in range(len(part))]
+        loss += [weight * (decision_weight if v else 1.0) for v in verdicts(tokenizer, part)]
         ids += part
         segment += [index] * len(part)
     return Example(ids, loss, segment, [-1 if s.parent is None else s.parent for s in segments])
+
+
+def verdicts(tokenizer, ids: list[int]) -> list[bool]:
+    """Which tokens are a try's verdict: the space of ` found`, or a new line, right after a number."""
+    space, newline, f = (tokenizer.token_to_id(c) for c in (" ", "\n", "f"))
+    digits = {tokenizer.token_to_id(str(d)) for d in range(10)}
+    return [
+        i > 0 and ids[i - 1] in digits and (t == newline or (t == space and ids[i + 1 : i + 2] == [f]))
+        for i, t in enumerate(ids)
+    ]
 
 
 def tree_mask(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
