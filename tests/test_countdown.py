@@ -17,6 +17,15 @@ from countdown.verify import check_answer, claims_found, final_answer, verify_cl
 SHIPPED = Path(__file__).resolve().parents[1] / "countdown" / "model"
 
 
+def view(segments: list[traces.Segment], index: int) -> list[str]:
+    """The texts a segment's thread sees, oldest first: its chain of parent segments and itself."""
+    chain, at = [], index
+    while at is not None:
+        chain.insert(0, segments[at].text)
+        at = segments[at].parent
+    return chain
+
+
 def test_generated_problems_are_solvable_in_range_and_splits_disjoint() -> None:
     parts = problems.splits(300, 50, 50)
     for problem in (p for part in parts.values() for p in part):
@@ -61,10 +70,7 @@ def test_packed_search_shows_each_thread_exactly_its_context() -> None:
             assert seg.parent == index - 1
     # A grandchild (a leaf): prompt, root fork, its parent's header and fork, its header, its tries.
     leaf = next(i for i, s in enumerate(segments) if s.generated and s.text.endswith("</Thread>") and i > 4)
-    chain, at = [], leaf
-    while at is not None:
-        chain.insert(0, segments[at].text)
-        at = segments[at].parent
+    chain = view(segments, leaf)
     assert chain[0] == traces.prompt(problem) and chain[1].startswith("<Parallel>") and len(chain) == 6
     last = max(i for i, s in enumerate(example.segment) if s == leaf)
     seen = [example.ids[j] for j in range(len(example.ids)) if mask[last, j]]
@@ -84,14 +90,7 @@ def test_a_training_sample_of_the_search_keeps_the_winners_and_every_context() -
     assert len(sample) < len(whole) and sample[-1].text == whole[-1].text  # the same answer, fewer threads
 
     def views(segments: list[traces.Segment]) -> set[str]:
-        out = set()
-        for index in range(len(segments)):
-            chain, at = [], index
-            while at is not None:
-                chain.insert(0, segments[at].text)
-                at = segments[at].parent
-            out.add("".join(chain))
-        return out
+        return {"".join(view(segments, index)) for index in range(len(segments))}
 
     assert views(sample) <= views(whole)
     for index, seg in enumerate(sample):
@@ -123,10 +122,7 @@ def test_packed_logits_equal_each_thread_run_alone() -> None:
         for index, seg in enumerate(segments):
             if not seg.generated:
                 continue
-            chain, at = [], index
-            while at is not None:
-                chain.insert(0, segments[at].text)
-                at = segments[at].parent
+            chain = view(segments, index)
             alone = model(input_ids=torch.tensor([tokenizer.encode("".join(chain)).ids])).logits[0]
             tokens = [i for i, s in enumerate(example.segment) if s == index]
             n = len(tokenizer.encode(seg.text).ids)

@@ -22,6 +22,7 @@ from countdown.traces import SERVE_OPTIONS
 
 MODEL = Path(__file__).resolve().parents[1] / "countdown" / "model"
 PROMPT = "44 12 8 3>43\n"
+WHOLE_SEARCH = 4000  # tokens: room for the embedded model's whole search (4-8 children, ~10 grandchildren each)
 KEYS = ("key-one-" + "a" * 24, "key-two-" + "b" * 24)
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 
@@ -58,7 +59,7 @@ def test_models_health_and_readiness(server) -> None:
 
 
 def test_completion_through_the_openai_client_carries_the_thread_tree(server) -> None:
-    done = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=4000)
+    done = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH)
     assert done.choices[0].text and done.choices[0].finish_reason in ("stop", "length")
     braid = done.model_extra["braid"]
     assert len(braid["threads"]) > 1 and braid["threads"][0]["parent_id"] is None  # it forked
@@ -71,18 +72,18 @@ def test_completion_through_the_openai_client_carries_the_thread_tree(server) ->
 
 
 def test_streaming_sends_thread_events_apart_from_text(server) -> None:
-    chunks = list(client(server).completions.create(model="model", prompt=PROMPT, max_tokens=4000, stream=True))
+    chunks = list(client(server).completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH, stream=True))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     events = [c.model_extra["braid"] for c in chunks if not c.choices]
     assert any(e["event"] == "forked" for e in events) and any(e["event"] != "forked" for e in events)
     last = chunks[-1]
     assert last.choices[0].finish_reason in ("stop", "length") and last.usage.completion_tokens > 0
-    whole = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=4000)
+    whole = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH)
     assert text == whole.choices[0].text  # greedy: the same answer as the non-streamed one
 
 
 def test_chat_over_raw_http_and_streamed(server) -> None:
-    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4000}
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": WHOLE_SEARCH}
     answer = requests.post(f"{server[0]}/v1/chat/completions", json=body, headers=AUTH, timeout=120).json()
     assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["role"] == "assistant"
     streamed = {**body, "stream": True}
@@ -115,7 +116,7 @@ def test_a_latency_budget_is_kept_and_reported_and_an_impossible_one_refused_fas
 
 
 def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
-    url, body = f"{server[0]}/v1/completions", {"prompt": PROMPT, "max_tokens": 4000}
+    url, body = f"{server[0]}/v1/completions", {"prompt": PROMPT, "max_tokens": WHOLE_SEARCH}
     wrong = "wrong-key-" + "z" * 22
     for headers, message in (({}, "missing API key"), ({"Authorization": f"Bearer {wrong}"}, "invalid API key")):
         reply = requests.post(url, json=body, headers=headers, timeout=30)
@@ -247,7 +248,8 @@ def test_a_real_prometheus_scrapes_the_app_and_every_dashboard_and_alert_query_r
         # Traffic after the first scrapes, so that rates see it: answered, budgeted, refused, bad.
         oai = client(server)
         for _ in range(2):
-            oai.completions.create(model="model", prompt=PROMPT, max_tokens=4000, extra_body={"max_latency_s": 60})
+            budget = {"max_latency_s": 60}
+            oai.completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH, extra_body=budget)
         for body in ({"prompt": PROMPT, "max_latency_s": 1e-4}, {"prompt": PROMPT, "protocol": "x"}):
             requests.post(f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=30)
         time.sleep(4)  # a few more scrapes
