@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         s = summary(evaluate(PARALLEL, problems, threads_cap=cap, concurrency=args.concurrency, progress=False))
         rows.append({"model": "parallel", "setting": f"T{cap}" if cap else "no cap", **s})
         print_row(rows[-1])
-    for budget in (300, 600, 1000, 2000):
+    for budget in (300, 600, 1000, 1500, 2000):
         options = options_for("sequential", 1)
         options = type(options)(protocol=options.protocol, sampling=SamplingParams(max_new_tokens=budget))
         s = summary(evaluate(SEQUENTIAL, problems, concurrency=args.concurrency, progress=False, options=options))
