@@ -176,7 +176,7 @@ class ReplicaWorker:
         """Run one fork-join request to its end; the result as a plain dict."""
         opts = options_from_dict(options or {})
         start = time.perf_counter()
-        result = self._run(lambda: self.forkjoin.submit(prompt, opts))
+        result = self._run(lambda: self.forkjoin.submit(prompt, opts, arrived=start))
         result.update(replica=self.replica_id, latency_s=time.perf_counter() - start)
         return result
 
@@ -189,7 +189,7 @@ class ReplicaWorker:
         start = time.perf_counter()
         stream = _Stream()
         with self._lock:
-            request_id = self.forkjoin.submit(prompt, opts)
+            request_id = self.forkjoin.submit(prompt, opts, arrived=start)
             self._streams[request_id] = stream
         self._wake.set()
         ended = False
@@ -218,6 +218,7 @@ class ReplicaWorker:
     ) -> dict:  # fmt: skip
         """Run a peer's forked child here. `transfer` = (source rank, tag): its prefix KV
         arrives over the process group first and enters the prefix index."""
+        arrived = time.perf_counter()  # its budget counts from here, the transfer included
         if transfer is not None and self.transfer is not None:
             kv, _ = self.transfer.recv(*transfer)
             # Freed at once, the blocks stay in the prefix index, where the child's prefill finds
@@ -227,7 +228,7 @@ class ReplicaWorker:
         opts = options_from_dict(options)
 
         def submit() -> int:
-            self._children[key] = self.forkjoin.submit(context, opts, depth, request_prompt)
+            self._children[key] = self.forkjoin.submit(context, opts, depth, request_prompt, arrived)
             if key in self._cancelled:  # cancelled before it arrived: it ends at the next step
                 self.forkjoin.cancel(self._children[key])
             return self._children[key]

@@ -144,16 +144,20 @@ class ForkJoinEngine:
         self._remote_ids = itertools.count(-1, -1)  # remote children's node ids
 
     def submit(
-        self, prompt: str | list[int], options: ForkJoinOptions | None = None, depth: int = 0, request_prompt: str = ""
-    ) -> int:
+        self, prompt: str | list[int], options: ForkJoinOptions | None = None, depth: int = 0, request_prompt: str = "",
+        arrived: float | None = None,
+    ) -> int:  # fmt: skip
         """Start a request. With `depth` > 0 its root is a child of a fork made elsewhere:
         it ends when it closes its block, and `request_prompt` (the original request's
-        prompt, for the verifier) is given."""
+        prompt, for the verifier) is given. `arrived` (this engine's clock; default now) is
+        when the request reached its caller: its latency budget counts from then, so time
+        spent waiting for a step to end before it could be submitted is not lost."""
         options = options or ForkJoinOptions()
         protocol = get_protocol(options.protocol)
         root = self.engine.add_thread(prompt, options.sampling)
         text = request_prompt or (prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(prompt))
-        req = _Request(next(self._ids), options, protocol, root, text, self.clock, self.clock())
+        start = self.clock() if arrived is None else arrived
+        req = _Request(next(self._ids), options, protocol, root, text, self.clock, start)
         self._register(req, root, ThreadNode(root.thread_id, None, depth, -1, 0, "", 0.0))
         self.requests[req.request_id] = req
         return req.request_id

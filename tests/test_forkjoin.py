@@ -421,6 +421,19 @@ def test_no_fork_once_the_join_time_has_passed(ckpt: Path) -> None:
     assert result.text == TW_ROOT + "answer" and result.finish_reason == "stop"
 
 
+def test_a_budget_counts_from_the_requests_arrival(ckpt: Path) -> None:
+    """A request that waited 0.6 s before it could be submitted (a replica's step was running)
+    has 0.4 s of its 1.0 s budget left: its joins are due at 0.05 s, so its fork is refused."""
+    engine, _ = scripted_engine(ckpt, {"Q:": TW_ROOT + "answer"})
+    fj = ForkJoinEngine(engine, clock=StepClock(engine))
+    options = ForkJoinOptions(protocol="threadweaver", max_latency_s=1.0, sampling=SamplingParams(max_new_tokens=400))
+    fj.submit("Q:", options, arrived=-0.6)
+    results = []
+    while not results:
+        results = fj.step()
+    assert [n.notes for n in results[0].threads] == [["fork refused: deadline"]]
+
+
 def test_nested_forks_join_first_so_that_each_parent_can_conclude(ckpt: Path) -> None:
     scripts = {
         "Q:": TW_ROOT + "answer",
