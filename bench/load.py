@@ -122,6 +122,12 @@ def countdown_bodies(count: int, budget_s: float | None, seed: int = 0) -> list[
     return bodies
 
 
+def missed(braids: list[dict]) -> list[tuple[float, str]]:
+    """(latency / budget, finish reason) of each answer's `braid` part that missed its budget."""
+    late = [b for b in braids if b["sla"]["met"] is False]
+    return [(b["latency_s"] / b["sla"]["max_latency_s"], b["finish_reason"]) for b in late]
+
+
 def summary(outcomes: list[Outcome], wall_s: float) -> dict:
     answered = [o for o in outcomes if o.status == 200]
     budgeted = [o.body["braid"]["sla"]["met"] for o in answered if o.body["braid"]["sla"]["met"] is not None]
@@ -136,6 +142,7 @@ def summary(outcomes: list[Outcome], wall_s: float) -> dict:
         "p90_s": round(percentile(latencies, 0.9), 3),
         "p99_s": round(percentile(latencies, 0.99), 3),
         "sla_attainment": round(sum(budgeted) / len(budgeted), 3) if budgeted else None,
+        "missed": [f"{ratio:.2f}x ({reason})" for ratio, reason in missed([o.body["braid"] for o in answered])],
     }
 
 
@@ -175,6 +182,8 @@ def main() -> None:
         print(f"{name:>12} {stats['answered']:>9} {stats['throughput_rps']:>7.2f} {stats['p50_s']:>7.2f} "
               f"{stats['p90_s']:>7.2f} {stats['p99_s']:>7.2f} {sla:>8} {stats['refused_then_retried']:>5}  "
               f"{stats['statuses']}")  # fmt: skip
+    if loaded_stats["missed"]:
+        print(f"missed budgets under load, latency / budget: {', '.join(loaded_stats['missed'])}")
     leaked = sum(r["used_blocks"] for r in reports)
     growth = max(a - b for a, b in zip(after, baseline, strict=True))
     print(f"after: KV blocks in use {leaked} (integrity checked), replica memory MiB {baseline} -> {after}")

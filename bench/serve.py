@@ -24,7 +24,7 @@ import time
 import ray
 import requests
 
-from bench.load import LocalService, countdown_bodies, drive, percentile
+from bench.load import LocalService, countdown_bodies, drive, missed, percentile
 from countdown.traces import SERVE_OPTIONS
 
 
@@ -78,8 +78,7 @@ def main() -> None:
     cut = sum(1 for b in admitted if b["braid"]["finish_reason"] == "deadline")
     print(f"  admitted {len(admitted)}, refused {refused}, met {met}: attainment {attainment:.3f}; "
           f"{cut} cut short at their deadline")  # fmt: skip
-    missed = [b["braid"] for b in admitted if not b["braid"]["sla"]["met"]]
-    over = [b["latency_s"] / b["sla"]["max_latency_s"] for b in missed]
+    over = [ratio for ratio, _ in missed([b["braid"] for b in admitted])]
     if over:
         print(f"  missed by: median {statistics.median(over):.2f}x, max {max(over):.2f}x of the budget")
     print(json.dumps({"bench": "serve", "sla_attainment": round(attainment, 3),

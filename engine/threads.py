@@ -29,7 +29,8 @@ class ForkJoinOptions:
     - `join_policy`: "all" joins every accepted child; "first_success" joins the first
       child that succeeds and cancels the rest ("pruned", KV freed at once); "vote" joins
       the children whose answer is the majority's.
-    - `max_latency_s`: the request's latency budget, spent by measured step time. The
+    - `max_latency_s`: the request's latency budget, spent by measured step time from the
+      request's arrival (`ForkJoinEngine.submit(arrived=...)`; default its submission). The
       root's forks join `ANSWER_STEPS + END_STEPS` steps before the budget, and no later
       than `EARLY_JOIN` of it; a fork at depth d, `ANSWER_STEPS` x d steps earlier. A child
       started under a budget may generate only the tokens that fit before its fork's join
