@@ -12,18 +12,22 @@ and how its prefix gets there.
   with the most room, when the wait it saves (one step per thread over capacity here)
   is worth more than getting the prefix there — the cheaper of sending its KV (measured
   bandwidth) and recomputing it there (measured prefill speed), or nothing when that
-  peer was sent this prefix before. Under a latency budget a child moves only when its
-  prefix gets there well within the time it has before its join (`MAX_MOVE_SHARE`).
+  peer was sent this prefix before (the last `SENT_PREFIXES` are remembered). Under a
+  latency budget a child moves only when its prefix gets there well within the time it
+  has before its join (`MAX_MOVE_SHARE`).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 AFFINITY_CHARS = 64  # the prompt prefix that decides request affinity
 MIN_STEPS = 8  # a latency budget must hold at least this many steps of the replica it goes to
 MAX_MOVE_SHARE = 0.25  # of a child's time before its join, at most, spent getting its prefix elsewhere
+SENT_PREFIXES = 1024  # (peer, prefix) pairs a replica remembers sending; older ones are sent again if needed
 
 
 class Placement:
@@ -87,6 +91,7 @@ class ChildChoice:
     replica: int | None  # None: run it here
     prefix: str = "local"  # how the prefix gets there: "local", "cached", "transfer" or "recompute"
     cost_s: float = 0.0  # the estimated cost of getting it there
+    ready: Any = None  # "cached": what was recorded with the prefix's transfer (the child waits for it)
 
 
 class ChildPlacement:
@@ -96,12 +101,14 @@ class ChildPlacement:
         self.replica_id = replica_id
         self.capacity = capacity
         self.cost = cost or PrefixCost()
-        self.sent: set[tuple[int, int]] = set()  # (peer, prefix key) already there
+        # (peer, prefix key) already there -> what `record` was given with it; oldest first
+        self.sent: OrderedDict[tuple[int, int], Any] = OrderedDict()
 
     def how(self, peer: int, prefix_key: int, num_tokens: int, num_bytes: int) -> ChildChoice:
         """The cheapest way to get a prefix to `peer`."""
         if (peer, prefix_key) in self.sent:
-            return ChildChoice(peer, "cached", 0.0)
+            self.sent.move_to_end((peer, prefix_key))
+            return ChildChoice(peer, "cached", 0.0, self.sent[peer, prefix_key])
         transfer, recompute = self.cost.transfer_s(num_bytes), self.cost.recompute_s(num_tokens)
         if transfer <= recompute:
             return ChildChoice(peer, "transfer", transfer)
@@ -125,6 +132,10 @@ class ChildPlacement:
         saved_s = step_s * (local_threads - self.capacity + 1)  # the queue the child skips here, roughly
         return choice if choice.cost_s < saved_s or choice.prefix == "cached" else ChildChoice(None)
 
-    def record(self, choice: ChildChoice, prefix_key: int) -> None:
+    def record(self, choice: ChildChoice, prefix_key: int, ready: Any = None) -> None:
+        """Remember that `choice` moved this prefix to its peer; `ready` (e.g. the transfer's
+        result) comes back with every later "cached" choice for it."""
         if choice.replica is not None and choice.prefix in ("transfer", "recompute"):
-            self.sent.add((choice.replica, prefix_key))
+            self.sent[choice.replica, prefix_key] = ready
+            if len(self.sent) > SENT_PREFIXES:
+                self.sent.popitem(last=False)

@@ -17,7 +17,6 @@ result joins here. If the peer dies, the child is started again here.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import queue
@@ -212,19 +211,29 @@ class ReplicaWorker:
                     self.forkjoin.cancel(request_id)
                 self._wake.set()
 
+    def receive_prefix(self, source: int, tag: int) -> int:
+        """Receive a peer's prefix KV (its transfer `tag` from rank `source`) into the prefix
+        index; the tokens it holds (0: no room to keep them, the children recompute them)."""
+        assert self.transfer is not None
+        kv, _ = self.transfer.recv(source, tag)
+        with self._lock:
+            try:
+                seq = self.engine.cache.import_blocks(kv)
+            except OutOfBlocks:
+                return 0
+            # Freed at once, the blocks stay in the prefix index, where the children's prefill finds them.
+            self.engine.cache.free(seq)
+        return len(kv.token_ids)
+
     def run_child(
         self, key: str, context: list[int], options: dict[str, Any], depth: int, request_prompt: str,
-        transfer: tuple[int, int] | None = None,
+        prefix: int | None = None,
     ) -> dict:  # fmt: skip
-        """Run a peer's forked child here. `transfer` = (source rank, tag): its prefix KV
-        arrives over the process group first and enters the prefix index."""
-        arrived = time.perf_counter()  # its budget counts from here, the transfer included
-        if transfer is not None and self.transfer is not None:
-            kv, _ = self.transfer.recv(*transfer)
-            # Freed at once, the blocks stay in the prefix index, where the child's prefill finds
-            # them. With no room to keep them, the child recomputes its prefix.
-            with self._lock, contextlib.suppress(OutOfBlocks):
-                self.engine.cache.free(self.engine.cache.import_blocks(kv))
+        """Run a peer's forked child here. `prefix` is the result of the `receive_prefix` call that
+        brought its prefix (the peer passes that call's object ref: Ray starts this one only
+        once the prefix is in the index, so no child recomputes a prefix still on its way)."""
+        arrived = time.perf_counter()  # its budget counts from here; the parent's join deadline
+        # bounds the prefix's way here too (a late child is cut there)
         opts = options_from_dict(options)
 
         def submit() -> int:
@@ -323,18 +332,18 @@ class ReplicaWorker:
         metrics.PLACED.labels(**self.labels, where=choice.prefix).inc()
         if choice.replica is None:
             return None
-        self.placement.record(choice, prefix_key)
         peer = self.peers[choice.replica]
         key = f"{self.replica_id}-{next(self._keys)}"
-        transfer = None
+        prefix = choice.ready  # "cached": the transfer that brought it, if any
         if choice.prefix == "transfer":
             tag = next(self._keys)
-            transfer = (self.replica_id, tag)
             kv = self.engine.cache.export_blocks(parent.seq, 0, full)  # a copy: the send needs no lock
             threading.Thread(target=self._send, args=(kv, choice.replica, tag), daemon=True).start()
+            prefix = peer.receive_prefix.remote(self.replica_id, tag)
+        self.placement.record(choice, prefix_key, prefix)
         options_dict = asdict(options)
         prompt = self.forkjoin.owner[parent.thread_id].prompt  # the request's, for the verifier there
-        ref = peer.run_child.remote(key, context, options_dict, depth, prompt, transfer)
+        ref = peer.run_child.remote(key, context, options_dict, depth, prompt, prefix)
         # The peer's load is read again soon; until then count the child there.
         if choice.replica in self.peer_loads:
             load = self.peer_loads[choice.replica]

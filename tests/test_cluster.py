@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 
-from actors.placement import ChildPlacement, Placement, PrefixCost
+from actors.placement import SENT_PREFIXES, ChildChoice, ChildPlacement, Placement, PrefixCost
 from actors.replica import options_from_dict
 from cluster.config import ClusterConfig, start
 from cluster.job import run
@@ -53,8 +53,9 @@ def test_children_stay_local_while_there_is_room_then_go_by_the_cheaper_prefix_p
     assert place.choose(1, {1: 0}, **args).replica is None  # room here
     choice = place.choose(3, {1: 5, 2: 0}, **args)
     assert (choice.replica, choice.prefix) == (2, "transfer")  # 2 ms to send vs 100 ms to recompute
-    place.record(choice, 7)
-    assert place.choose(3, {1: 5, 2: 1}, **args).prefix == "cached"  # sent before: nothing to move
+    place.record(choice, 7, ready="its transfer")
+    cached = place.choose(3, {1: 5, 2: 1}, **args)
+    assert (cached.prefix, cached.ready) == ("cached", "its transfer")  # sent before: nothing moves
     slow_link = {**args, "num_bytes": 10**9, "prefix_key": 8}
     assert place.choose(5, {2: 0}, **slow_link).prefix == "recompute"  # 1 s to send vs 0.1 s
     assert place.choose(3, {1: 2, 2: 2}, **args).replica is None  # nobody has room: queue here
@@ -63,6 +64,17 @@ def test_children_stay_local_while_there_is_room_then_go_by_the_cheaper_prefix_p
     # Under a latency budget: the 2 ms move is fine for a child with 1 s before its join, not with 4 ms.
     assert place.choose(3, {1: 5, 2: 0}, **{**args, "prefix_key": 10}, deadline_s=1.0).replica == 2
     assert place.choose(3, {1: 5, 2: 0}, **{**args, "prefix_key": 11}, deadline_s=0.004).replica is None
+
+
+def test_a_replica_remembers_the_last_prefixes_it_sent() -> None:
+    place = ChildPlacement(0, capacity=1)
+    for key in range(SENT_PREFIXES + 1):
+        place.record(ChildChoice(1, "transfer"), key)
+    assert place.how(1, 1, 10, 10).prefix == "cached"
+    assert place.how(1, 0, 10, 10).prefix != "cached"  # the oldest is forgotten: sent again if needed
+    place.record(ChildChoice(1, "transfer"), SENT_PREFIXES + 1)
+    assert place.how(1, 1, 10, 10).prefix == "cached"  # used just now, so 2 went instead
+    assert place.how(1, 2, 10, 10).prefix != "cached"
 
 
 def test_options_are_checked() -> None:
