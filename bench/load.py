@@ -50,9 +50,8 @@ def percentile(values: list[float], q: float) -> float:
 class LocalService:
     """Braid's HTTP app on a new local Ray cluster, with one API key (`with LocalService(...) as s`)."""
 
-    def __init__(self, num_cpus: int = 2, metrics: bool = False, **config: Any) -> None:
+    def __init__(self, num_cpus: int = 2, **config: Any) -> None:
         self.num_cpus, self.config = num_cpus, config
-        self.metrics_port = free_port() if metrics else None
         self.key = secrets.token_urlsafe(32)
 
     def __enter__(self) -> LocalService:
@@ -62,7 +61,7 @@ class LocalService:
         os.environ.update(PATIENT_SERVE)
         ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ClusterConfig(metrics_port=self.metrics_port, **self.config)
+        config = ClusterConfig(**self.config)
         serve.run(BraidAPI.bind(config, SERVE_OPTIONS, Access(keys_file=str(keys_file))), name="braid")
         self.url = f"http://127.0.0.1:{port}"
         self.auth = {"Authorization": f"Bearer {self.key}"}

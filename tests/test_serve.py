@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,11 +29,26 @@ KEYS = ("key-one-" + "a" * 24, "key-two-" + "b" * 24)
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive TCP ports free now, below the kernel's ephemeral range:
+    there no outgoing connection (Ray opens many) takes one before its server binds it."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    end = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for base in range(20000, end - count, count):  # above Ray's worker ports (10002-19999)
+        try:
+            for port in range(base, base + count):
+                socket.create_server(("", port)).close()
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports below {end}")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """(base URL, metrics port) of a running Braid app: two API keys, one request in flight per key
     (every test's requests in a row pass only if each key is released when its request ends)."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_port(), free_ports(2)  # the ingress's metrics port, the replica's next
     keys_file = tmp_path_factory.mktemp("keys") / "api_keys"
     keys_file.write_text("# Braid test keys\n" + "\n".join(KEYS) + "\n")
     os.environ.update(PATIENT_SERVE)
@@ -215,7 +232,6 @@ def test_dashboards_are_valid_grafana_json_and_match_their_builder() -> None:
 
 def test_a_real_prometheus_scrapes_the_app_and_every_dashboard_and_alert_query_returns_data(server, tmp_path) -> None:
     import shutil
-    import subprocess
 
     import yaml
 
@@ -243,7 +259,7 @@ def test_a_real_prometheus_scrapes_the_app_and_every_dashboard_and_alert_query_r
     try:
         end = time.monotonic() + 60
         while len(prometheus_query_safe(base, 'up{job="braid"} == 1')) < 2:
-            assert time.monotonic() < end, "Prometheus never scraped both Braid processes"
+            assert time.monotonic() < end, f"Prometheus never scraped both Braid processes: {scrapes(base, prom)}"
             time.sleep(0.5)
         # Traffic after the first scrapes, so that rates see it: answered, budgeted, refused, bad.
         oai = client(server)
@@ -264,6 +280,17 @@ def test_a_real_prometheus_scrapes_the_app_and_every_dashboard_and_alert_query_r
     finally:
         prom.terminate()
         prom.wait(timeout=30)
+
+
+def scrapes(base: str, prom: subprocess.Popen) -> str:
+    """What Prometheus says of its targets, or that it is not running (a failure's message)."""
+    if prom.poll() is not None:
+        return f"prometheus exited with {prom.returncode}"
+    try:
+        targets = requests.get(f"{base}/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+    except requests.ConnectionError:
+        return "prometheus does not answer"
+    return "; ".join(f"{t['scrapeUrl']}: {t['health']} {t['lastError']}" for t in targets)
 
 
 def prometheus_query_safe(base: str, query: str) -> list:
