@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -84,6 +85,9 @@ def test_options_are_checked() -> None:
         options_from_dict({"max_thread": 4})
 
 
+SLOW_LINK_S = 0.5  # each KV transfer waits this long before it is sent (see `coordinator`)
+
+
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory: pytest.TempPathFactory):
     if not (MODEL / "config.json").exists():
@@ -92,7 +96,22 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory):
     for f in MODEL.iterdir():
         if f.name != "train_state.pt":
             shutil.copy(f, model / f.name)
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+
+    def slow_link() -> None:
+        """In each Ray worker: KV transfers go as over a slow link, so a fork's later children
+        reach the other replica before its prefix does. (Nested, so that Ray pickles it by value.)"""
+        from cache_service.transfer import KVTransfer
+
+        send = KVTransfer.send
+
+        def slow_send(self: KVTransfer, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(SLOW_LINK_S)  # outside the send's own timing: the cost model sees the real bandwidth
+            return send(self, *args, **kwargs)
+
+        KVTransfer.send = slow_send  # type: ignore[method-assign]
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": slow_link})  # fmt: skip
     try:
         # capacity 1: a replica that is busy sends its forks' children to the other one.
         config = ClusterConfig(model_path=str(model), num_replicas=2, kv_cache_bytes=32 * 2**20, capacity=1)
@@ -147,7 +166,9 @@ def test_forked_children_spread_over_replicas_with_the_prefix_sent_exactly(coord
     assert result["text"] == one_replica_answer(MODEL, prompt, options)["text"]  # greedy: the same answer
     counts = ray.get(coordinator.placement_counts.remote())[here]
     assert counts["transfer"] >= 1  # the prefix went by KV transfer (cheaper than recompute here)
-    # The receiving replica holds the sender's prefix blocks bit for bit.
+    # The receiving replica holds the sender's prefix blocks bit for bit: over the slow link the
+    # fork's other children arrived first and waited for them (else they would have computed
+    # the prefix there, with other rounding, and the transfer's blocks been dropped as repeats).
     tokenizer = __import__("tokenizers").Tokenizer.from_file(str(MODEL / "tokenizer.json"))
     context = tokenizer.encode(prompt + result["text"].split("</Outlines>")[0] + "</Outlines>").ids
     sent = ray.get(ray.get(coordinator.replica.remote(here)).cached_prefix.remote(context))
