@@ -1,8 +1,16 @@
-"""The coordinator: places each request on a replica, and keeps the replicas connected.
+"""The coordinator: admits each request, places it on a replica, and keeps the replicas connected.
 
 `Coordinator` is the named Ray actor the Serve app and batch jobs find with
-`get_coordinator()`; its decisions are `actors.placement.Placement`'s. Forked children
-are placed by the replica that forks them (`ChildPlacement`), from its peers' loads.
+`get_coordinator()`. Its decisions are plain classes': a request with a latency budget is
+admitted where it is predicted to answer in time, at the fan-out cap the load allows
+(`actors.admission.Admission`), or refused at once (503 with a retry time); one without
+goes to the least loaded replica (`actors.placement.Placement`). Forked children are
+placed by the replica that forks them (`ChildPlacement`), from its peers' loads.
+
+Policies (`policy`): "deadline" (the default) is the above, with each replica running the
+most urgent threads first, at most `max_step_threads` a step; "even" admits every request
+(up to `max_requests`), runs every live thread each step and never narrows a fan-out:
+Braid before deadline-aware admission, kept as the peer `bench.goodput` measures against.
 
 Failure: when a request's replica dies mid-request, the request runs again, from its
 prompt, on another replica (once per replica at most) while less than `retry_within_s`
@@ -14,17 +22,27 @@ process group anew, so it takes forked children (and their KV) again.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import socket
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 
-from actors.placement import MIN_STEPS, Placement
+from actors.admission import Admission, Cost, ReplicaModel, StepTimes
+from actors.placement import Placement
+from actors.tasks import TASKS
+from engine.threads import ForkJoinOptions
 
 COORDINATOR_NAME = "braid-coordinator"
 NAMESPACE = "braid"
+POLICIES = ("deadline", "even")
+LOAD_REFRESH_S = 0.2  # how often the coordinator reads the replicas' step times
+CALL_TIMEOUT_S = 2.0  # a replica that does not answer a load read within this is skipped
+DEFAULT_PROTOCOL = ForkJoinOptions().protocol
 
 
 def replica_name(index: int) -> str:
@@ -36,15 +54,29 @@ class ReplicaFailed(RuntimeError):
 
 
 class Refused(RuntimeError):
-    """Not admitted: `status` is the HTTP status to answer (429 busy, 503 budget impossible)."""
+    """Not admitted: `status` is the HTTP status to answer (429 busy, 503 budget cannot be met
+    now), `retry_after_s` when to try again."""
 
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)  # both in args: Ray pickles it to the caller
+    def __init__(self, status: int, reason: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(status, reason, retry_after_s)  # all in args: Ray pickles it to the caller
         self.status = status
         self.reason = reason
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         return f"{self.status}: {self.reason}"
+
+
+@dataclass(slots=True, frozen=True)
+class Admitted:
+    """Where an admitted request runs, and as what (its fan-out capped by the coordinator)."""
+
+    replica: int
+    prompt: str
+    options: dict[str, Any]
+    width: int | None = None  # the fan-out cap chosen (None: the request's own)
+    predicted_s: float | None = None  # its latency predicted at admission
+    key: int | None = None  # its entry in the admission's backlog
 
 
 def free_port() -> int:
@@ -64,78 +96,148 @@ class Coordinator:
 
     def __init__(
         self, num_replicas: int, affinity_margin: int = 1, kv_transfer: bool = True, retry_within_s: float = 60.0,
-        max_requests: int = 256,
+        max_requests: int = 256, task: str = "none", policy: str = "deadline",
     ) -> None:  # fmt: skip
         """The replicas are found by name (`replica_name(i)`), so that a coordinator Ray restarts
         finds them again; `max_requests`: requests in flight across the cluster before new ones
-        are refused (429)."""
+        are refused (429); `task`: how fan-outs are narrowed and warmed up (`actors.tasks`)."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         replicas = [ray.get_actor(replica_name(i), namespace=NAMESPACE) for i in range(num_replicas)]
         self.replicas = replicas
         self.max_requests = max_requests
         self.placement = Placement(len(replicas), affinity_margin)
+        self.task = TASKS[task]
+        self.policy = policy
+        self.admission = Admission(len(replicas), time.monotonic())
+        self.models = [ReplicaModel(StepTimes(), math.inf) for _ in replicas]
         self.kv_transfer = kv_transfer
         self.retry_within_s = retry_within_s
         self.failures = 0  # replica failures seen by requests
         self._reconnecting: asyncio.Task | None = None
+        self._refreshing: asyncio.Task | None = None
 
     async def connect(self) -> None:
         """Give every replica its peers and (with `kv_transfer`) a new process group for KV."""
         transfer = self.kv_transfer and len(self.replicas) > 1
         init = free_address(ray.util.get_node_ip_address()) if transfer else None
         await asyncio.gather(*[r.connect.remote(self.replicas, init) for r in self.replicas])
+        if self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_loads())
 
-    async def admit(self, prompt: str, options: dict[str, Any] | None, tried: frozenset[int] = frozenset()) -> int:
-        """The replica a request goes to, or refused fast: a full cluster (429), or a latency
-        budget that holds fewer than MIN_STEPS steps at every replica's recent step time (503)."""
+    async def warm_up(self) -> None:
+        """Run the task's warm-up prompts at every fan-out cap, spread over the replicas, all at
+        once: the first costs admission predicts with, and the replicas' first step times."""
+        pairs = list(itertools.product(self.task.warm_up, self.task.widths))
+        calls = []
+        for i, (prompt, width) in enumerate(pairs):
+            text, options = self.task.narrow(prompt, dict(self.task.options), width)
+            admitted = Admitted(i % len(self.replicas), text, options, width)
+            calls.append(self._answered(admitted, self.replicas[admitted.replica].generate.remote(text, options)))
+        await asyncio.gather(*calls)
+        await self._read_loads()
+
+    async def admit(self, prompt: str, options: dict[str, Any], tried: frozenset[int] = frozenset()) -> Admitted:
+        """Where a request goes and with what fan-out cap, or refused fast: a full cluster (429),
+        or a latency budget it is not predicted to meet anywhere now (503)."""
         if sum(self.placement.in_flight) >= self.max_requests:
             raise Refused(429, f"busy: {self.max_requests} requests in flight; retry later")
-        budget = (options or {}).get("max_latency_s")
-        if budget is None:
-            return self.placement.choose(prompt, exclude=tried)
-        step_s = [max(load["step_ms"], 1.0) / 1000 for load in await self.loads()]
-        index = self.placement.choose_within(budget, step_s, exclude=tried)
-        if index is None:
-            floor = MIN_STEPS * min(step_s)
-            raise Refused(503, f"max_latency_s={budget} cannot be met: {MIN_STEPS} steps take ~{floor:.3f} s now")
-        return index
+        budget = options.get("max_latency_s")
+        if budget is None or self.policy == "even":
+            return Admitted(self.placement.choose(prompt, exclude=tried), prompt, options)
+        protocol = options.get("protocol") or DEFAULT_PROTOCOL
+        limit = float(options.get("sampling", {}).get("max_new_tokens") or options.get("max_total_tokens") or 1024)
+        prior = Cost(limit, limit)  # nothing learned yet: as long as the request may run
+        now = time.monotonic()
+        decision = self.admission.admit(budget, protocol, self.task.widths, self.models, now, prior, tried)
+        if decision.replica is None:
+            retry = math.ceil(decision.retry_after_s)
+            raise Refused(503, f"max_latency_s={budget:g} cannot be met now: with the work queued, the request is "
+                               f"not predicted to answer in time; retry in {retry} s", retry)  # fmt: skip
+        text, narrowed = self.task.narrow(prompt, options, decision.width)
+        key = self.admission.started(decision)
+        return Admitted(decision.replica, text, narrowed, decision.width, decision.predicted_s, key)
 
     async def stream(self, prompt: str, options: dict[str, Any] | None = None):
         """The request's events as they happen (see `Replica.generate_stream`); no retry once
         streaming has begun: a failed replica ends the stream with an error event. Cancelled
         (its caller went away), Ray cancels the replica's stream too, which ends the request."""
-        index = await self.admit(prompt, options)
-        self.placement.started(index)
+        admitted = await self.admit(prompt, options or {})
+        self.placement.started(admitted.replica)
         try:
-            async for ref in self.replicas[index].generate_stream.remote(prompt, options):
-                yield await ref
+            replica = self.replicas[admitted.replica]
+            async for ref in replica.generate_stream.remote(admitted.prompt, admitted.options):
+                event = await ref
+                if event["type"] == "result":
+                    self._observe(admitted, event["result"])
+                yield event
         except RayActorError as error:
             self.failures += 1
             self._reconnect_later()
-            yield {"type": "error", "error": f"replica {index} failed mid-request: {error}"}
+            yield {"type": "error", "error": f"replica {admitted.replica} failed mid-request: {error}"}
         finally:
-            self.placement.finished(index)
+            self._done(admitted)
 
     async def generate(self, prompt: str, options: dict[str, Any] | None = None) -> dict:
         start = time.monotonic()
         tried: set[int] = set()
         while True:
-            index = await self.admit(prompt, options, frozenset(tried))
-            self.placement.started(index)
+            admitted = await self.admit(prompt, options or {}, frozenset(tried))
+            self.placement.started(admitted.replica)
             try:
-                return await self.replicas[index].generate.remote(prompt, options)
+                replica = self.replicas[admitted.replica]
+                return await self._answered(admitted, replica.generate.remote(admitted.prompt, admitted.options))
             except RayActorError as error:
                 self.failures += 1
-                tried.add(index)
+                tried.add(admitted.replica)
                 self._reconnect_later()
                 late = time.monotonic() - start >= self.retry_within_s
                 if len(tried) == len(self.replicas) or late:
                     why = f"{self.retry_within_s:g} s have passed" if late else "no replica is left to try"
-                    raise ReplicaFailed(f"replica {index} failed mid-request and {why}: {error}") from error
+                    raise ReplicaFailed(f"replica {admitted.replica} failed mid-request and {why}: {error}") from error
             finally:
-                self.placement.finished(index)
+                self._done(admitted)
+
+    async def _answered(self, admitted: Admitted, ref: Any) -> dict:
+        """The result of a replica's `generate` call (`ref`), observed."""
+        return self._observe(admitted, await ref)
+
+    def _observe(self, admitted: Admitted, result: dict) -> dict:
+        """Learn the request's cost at its fan-out cap; the result with the cap and the prediction."""
+        protocol = admitted.options.get("protocol") or DEFAULT_PROTOCOL
+        usage = result["usage"]
+        ended = result["finish_reason"] == "stop"
+        costs = self.admission.costs
+        costs.observe(protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], ended)
+        if admitted.key is not None:
+            self.admission.finished(admitted.replica, admitted.key, admitted.predicted_s, result["latency_s"], ended)
+        result.update(fanout_cap=admitted.width, predicted_latency_s=admitted.predicted_s)
+        return result
+
+    def _done(self, admitted: Admitted) -> None:
+        self.placement.finished(admitted.replica)
+        if admitted.key is not None:
+            self.admission.cancelled(admitted.replica, admitted.key)  # (a no-op once observed)
 
     async def loads(self) -> list[dict]:
         return list(await asyncio.gather(*[r.load_dict.remote() for r in self.replicas]))
+
+    async def _refresh_loads(self) -> None:
+        while True:
+            await self._read_loads()
+            await asyncio.sleep(LOAD_REFRESH_S)
+
+    async def _read_loads(self) -> None:
+        """Each replica's step time, as its admission model; one that does not answer keeps its last."""
+        calls = [asyncio.wait_for(r.load_dict.remote(), CALL_TIMEOUT_S) for r in self.replicas]
+        for i, load in enumerate(await asyncio.gather(*calls, return_exceptions=True)):
+            if isinstance(load, dict):
+                step = StepTimes({int(n): ms / 1000 for n, ms in load["step_ms_by_threads"].items()})
+                self.models[i] = ReplicaModel(step, load["max_step_threads"] or math.inf)
+
+    def costs(self) -> dict[str, dict]:
+        """What admission has learned: each (protocol, fan-out cap)'s expected cost."""
+        return {f"{protocol}/{width}": asdict(cost) for (protocol, width), cost in self.admission.costs.table.items()}
 
     async def placement_counts(self) -> list[dict]:
         return [await r.placement_counts.remote() for r in self.replicas]

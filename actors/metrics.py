@@ -8,9 +8,10 @@ replicas: base + 1 ... base + k, whatever their ids). `targets_file()` writes
 those addresses as a Prometheus `file_sd_configs` target list (see
 `dashboards/prometheus.yml`).
 
-Request-level metrics (latency, SLA, threads, fan-out, errors) are recorded where every
-request ends, at the ingress; engine-level ones (live threads, queue, KV blocks, tokens,
-transfers, inter-token latency, time to first token) at each replica.
+Request-level metrics (latency, SLA outcome, goodput, threads, fan-out and its cap,
+errors) are recorded where every request ends, at the ingress; engine-level ones (live
+threads, queue, KV blocks, tokens, transfers, inter-token latency, time to first token)
+at each replica.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ ERRORS = Counter("braid_errors", "Requests refused or failed, by kind", ["model"
 LATENCY = Histogram(
     "braid_request_latency_seconds", "End-to-end request latency", ["model", "protocol"], buckets=LATENCY_BUCKETS
 )
-SLA = Counter("braid_sla", "Requests with a latency budget, by whether it was met", ["model", "result"])
+SLA = Counter(
+    "braid_sla", "Requests with a latency budget, by outcome: met, late, truncated (cut short)", ["model", "result"]
+)
+GOOD_ANSWERS = Counter(
+    "braid_good_answers", "Answers that count toward goodput: ended on their own within their budget, the "
+    "task's check passed", ["model", "protocol"],
+)  # fmt: skip
+FANOUT_CAP = Counter(
+    "braid_fanout_cap", "Requests by the fan-out cap the coordinator gave them (none: their own)", ["model", "cap"]
+)
 THREADS = Histogram("braid_threads_per_request", "Threads per request", ["model", "protocol"], buckets=COUNT_BUCKETS)
 FANOUT = Histogram("braid_fork_fanout", "Children per fork", ["model", "protocol"], buckets=COUNT_BUCKETS)
 CRITICAL_PATH = Histogram(

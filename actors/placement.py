@@ -3,10 +3,8 @@ and how its prefix gets there.
 
 - `Placement` (the coordinator's): a request goes to the replica with the fewest requests
   in flight; when loads are within `affinity_margin`, to the replica its prompt's prefix
-  was last sent to, whose prefix index likely holds it. A request with a latency budget
-  goes only where the budget holds at least `MIN_STEPS` steps at that replica's recent
-  step time (fewest in flight, then fastest, among those; no prefix affinity: a busier
-  replica's cached prefix saves less than its slower steps cost); none: refused.
+  was last sent to, whose prefix index likely holds it. (A request with a latency budget
+  is placed by `actors.admission` instead.)
 - `ChildPlacement` (each replica's, for its forks): a child stays local while the local
   replica has room (fewer live threads than `capacity`). Otherwise it goes to the peer
   with the most room, when the wait it saves (one step per thread over capacity here)
@@ -25,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 AFFINITY_CHARS = 64  # the prompt prefix that decides request affinity
-MIN_STEPS = 8  # a latency budget must hold at least this many steps of the replica it goes to
 MAX_MOVE_SHARE = 0.25  # of a child's time before its join, at most, spent getting its prefix elsewhere
 SENT_PREFIXES = 1024  # (peer, prefix) pairs a replica remembers sending; older ones are sent again if needed
 
@@ -49,12 +46,6 @@ class Placement:
             least = sticky
         self.last_for_prefix[key] = least
         return least
-
-    def choose_within(self, budget_s: float, step_s: list[float], exclude: frozenset[int] = frozenset()) -> int | None:
-        """The replica for a request with a latency budget, given each replica's recent step time
-        (seconds); None when the budget holds fewer than MIN_STEPS steps everywhere."""
-        fits = [i for i, s in enumerate(step_s) if i not in exclude and MIN_STEPS * s <= budget_s]
-        return min(fits, key=lambda i: (self.in_flight[i], step_s[i], i)) if fits else None
 
     def started(self, replica: int) -> None:
         self.in_flight[replica] += 1

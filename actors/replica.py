@@ -18,6 +18,7 @@ result joins here. If the peer dies, the child is started again here.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import queue
 import sys
@@ -34,10 +35,11 @@ import ray
 import torch
 
 from actors import metrics
+from actors.admission import StepTimes
 from actors.placement import ChildChoice, ChildPlacement
+from actors.tasks import TASKS
 from cache_service import OutOfBlocks
 from cache_service.transfer import KVTransfer
-from countdown.verify import claims_found, verify_claim
 from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
 from engine.sampling import SamplingParams
@@ -45,8 +47,6 @@ from engine.scheduler import Thread
 from engine.threads import ForkJoinOptions, ThreadNode
 
 REPLICA_METRICS_PORTS = 64  # replicas on one machine, at most, that get a metrics port each
-# Task hooks for the join: (verifier, success test). "none" joins by the protocol alone.
-TASKS = {"none": (None, None), "countdown": (verify_claim, claims_found)}
 LOAD_REFRESH_S = 0.05  # how often a replica reads its peers' loads
 STREAM_BATCH_S = 0.02  # a stream's events go out in batches at most this often (text runs merged)
 GAUGES_EVERY_S = 0.5  # how often the KV and queue gauges are set
@@ -61,6 +61,8 @@ class ReplicaLoad:
     free_blocks: int  # KV blocks free or evictable
     total_blocks: int
     step_ms: float  # recent engine step time (moving average)
+    step_ms_by_threads: dict[int, float]  # a step's time by the threads it computes (see StepTimes)
+    max_step_threads: int  # threads one step computes, at most (0: no cap)
 
     @property
     def threads(self) -> int:
@@ -128,10 +130,12 @@ class ReplicaWorker:
     def __init__(
         self, replica_id: int, model_path: str, device: str = "cpu", kv_cache_bytes: int = 256 * 2**20,
         task: str = "none", capacity: int = 16, torch_threads: int = 0, metrics_port: int | None = None,
+        max_step_threads: int | None = None,
     ) -> None:  # fmt: skip
         """`capacity`: live threads this replica takes before its forks spill to peers;
         `metrics_port`: the first port to try for this process's Prometheus metrics (it takes the
-        first free one of REPLICA_METRICS_PORTS; None: not served)."""
+        first free one of REPLICA_METRICS_PORTS; None: not served); `max_step_threads`: threads
+        one engine step computes, at most, the most urgent first (None: every live thread)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
         if torch_threads:
@@ -144,9 +148,10 @@ class ReplicaWorker:
             counter.labels(**self.labels)  # each series exists (at 0) from the start
         for where in ("local", "cached", "transfer", "recompute"):
             metrics.PLACED.labels(**self.labels, where=where)
-        self.engine = Engine(model_path, device=device, kv_cache_bytes=kv_cache_bytes)
-        verifier, succeeded = TASKS[task]
-        self.forkjoin = ForkJoinEngine(self.engine, verifier=verifier, succeeded=succeeded, offload=self._offload)
+        self.engine = Engine(model_path, device, kv_cache_bytes=kv_cache_bytes, max_step_threads=max_step_threads)
+        self.task = TASKS[task]
+        self.forkjoin = ForkJoinEngine(self.engine, self.task.verifier, self.task.succeeded, self._offload)
+        self.step_times = StepTimes()
         self.placement = ChildPlacement(replica_id, capacity)
         self.placement.cost.observe_prefill(*self._measure_prefill())
         self.peers: list[Any] = []
@@ -176,8 +181,7 @@ class ReplicaWorker:
         opts = options_from_dict(options or {})
         start = time.perf_counter()
         result = self._run(lambda: self.forkjoin.submit(prompt, opts, arrived=start))
-        result.update(replica=self.replica_id, latency_s=time.perf_counter() - start)
-        return result
+        return self._answered(prompt, result, start)
 
     def generate_stream(self, prompt: str, options: dict[str, Any] | None = None) -> Iterator[dict]:
         """The same request, as events while it runs: `{"type": "text", "text": delta}` for the
@@ -198,7 +202,7 @@ class ReplicaWorker:
                 for event in stream.take():
                     if event["type"] == "result":
                         ended = True
-                        event["result"].update(replica=self.replica_id, latency_s=time.perf_counter() - start)
+                        self._answered(prompt, event["result"], start)
                         yield event
                         return
                     yield event
@@ -210,6 +214,13 @@ class ReplicaWorker:
                 with self._lock:
                     self.forkjoin.cancel(request_id)
                 self._wake.set()
+
+    def _answered(self, prompt: str, result: dict, start: float) -> dict:
+        """A request's result with where it ran, its latency and whether its answer is right
+        (`accepted`: the task's check; None without one)."""
+        accepted = self.task.accepted(prompt, result["text"]) if self.task.accepted else None
+        result.update(replica=self.replica_id, latency_s=time.perf_counter() - start, accepted=accepted)
+        return result
 
     def receive_prefix(self, source: int, tag: int) -> int:
         """Receive a peer's prefix KV (its transfer `tag` from rank `source`) into the prefix
@@ -273,9 +284,11 @@ class ReplicaWorker:
     def load(self) -> ReplicaLoad:
         sched = self.engine.scheduler
         cache = self.engine.cache
+        cap = sched.max_step_threads
         return ReplicaLoad(
             self.replica_id, len(self._done), len(sched.running), len(sched.waiting),
             cache.num_available_blocks, cache.config.num_blocks, 1000 * self.forkjoin.step_s,
+            {n: 1000 * t for n, t in self.step_times.seconds.items()}, 0 if math.isinf(cap) else int(cap),
         )  # fmt: skip
 
     def connect(self, peers: list[Any], init_method: str | None = None) -> None:
@@ -434,7 +447,10 @@ class ReplicaWorker:
                             stream.update(*self.forkjoin.progress(stream_id))
                     for result in finished:
                         self._finished(result.to_dict())
-                    self._record(time.perf_counter() - start)
+                    took = time.perf_counter() - start
+                    if computing:
+                        self.step_times.observe(self.engine.last_step_threads, took)
+                    self._record(took)
             if not computing:  # idle, or waiting only for children on peers
                 self._wake.wait(timeout=0.05 if not busy else 0.002)
                 self._wake.clear()

@@ -8,8 +8,9 @@ from typing import Any
 
 import ray
 
-from actors.coordinator import COORDINATOR_NAME, NAMESPACE, Coordinator, get_coordinator, replica_name
-from actors.replica import TASKS, Replica
+from actors.coordinator import COORDINATOR_NAME, NAMESPACE, POLICIES, Coordinator, get_coordinator, replica_name
+from actors.replica import Replica
+from actors.tasks import TASKS
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "countdown" / "model")
 # The replicas' handles, held by the process that started them. Ray frees an actor when its
@@ -30,6 +31,13 @@ class ClusterConfig:
     kv_transfer: bool = True  # send a fork's prefix KV to other replicas (else they recompute it)
     retry_within_s: float = 60.0  # a request whose replica died is retried elsewhere within this time
     max_requests: int = 256  # in flight across the cluster; more are refused with HTTP 429
+    # "deadline": requests with a latency budget admitted where they are predicted to answer in
+    # time, at the fan-out the load allows, their threads run earliest deadline first; "even":
+    # every request admitted, every thread run each step (the peer bench.goodput measures)
+    policy: str = "deadline"
+    # threads one engine step computes at most ("deadline"): on a CPU core 32 keep a step near
+    # 15 ms for the embedded model; a GPU takes hundreds in about the time of one
+    max_step_threads: int = 32
     metrics_port: int | None = None  # the ingress's Prometheus port; replicas take the next free ones
     detached: bool = False  # actors outlive the driver that started them (Serve deployments)
 
@@ -40,6 +48,10 @@ class ClusterConfig:
             raise ValueError(f"{self.model_path} is not a checkpoint folder (no config.json)")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.max_step_threads < 1:
+            raise ValueError(f"max_step_threads must be >= 1, got {self.max_step_threads}")
 
 
 def start(config: ClusterConfig) -> Any:
@@ -48,6 +60,7 @@ def start(config: ClusterConfig) -> Any:
     threads = 0 if config.replica_gpus else max(1, int(config.replica_cpus))  # torch threads = its cores
     lifetime = "detached" if config.detached else None
     port = None if config.metrics_port is None else config.metrics_port + 1  # each replica takes the first free one
+    step_cap = config.max_step_threads if config.policy == "deadline" else None
     replicas = [
         Replica.options(
             name=replica_name(i),
@@ -55,7 +68,9 @@ def start(config: ClusterConfig) -> Any:
             num_cpus=config.replica_cpus,
             num_gpus=config.replica_gpus,
             lifetime=lifetime,
-        ).remote(i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, port)
+        ).remote(
+            i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, port, step_cap
+        )
         for i in range(config.num_replicas)
     ]
     ray.get([r.load_dict.remote() for r in replicas])  # wait until every engine has loaded
@@ -63,8 +78,9 @@ def start(config: ClusterConfig) -> Any:
     coordinator = Coordinator.options(
         name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime
     ).remote(len(replicas), kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,
-             max_requests=config.max_requests)  # fmt: skip
+             max_requests=config.max_requests, task=config.task, policy=config.policy)  # fmt: skip
     ray.get(coordinator.connect.remote())
+    ray.get(coordinator.warm_up.remote())
     return coordinator
 
 

@@ -21,11 +21,18 @@ requests in flight. Health and readiness are open (Kubernetes probes).
 Errors use OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`): 400 for a
 malformed body, a bad option or a prompt over the limit, 401 for a missing or wrong API
 key, 404 for an unknown model, 429 when the cluster is full or the key has too many
-requests in flight and 503 when a latency budget cannot be met (refused at once, never
-queued), 500 when a replica fails.
+requests in flight and 503 when a latency budget is not predicted to be met with the work
+queued now (refused at once, never queued; see `actors.admission`), 500 when a replica
+fails. A 429 or 503 carries `Retry-After` (seconds).
+
+Every answer's `braid.sla` says how its budget went: `outcome` "met" (it answered on its
+own inside the budget), "late", or "truncated" (cut short: a miss), with the latency the
+coordinator predicted; `braid.fanout_cap` is the fan-out cap it was given (null: its
+own), `braid.accepted` whether the task's check passed its answer (null: no check).
 """
 
 import argparse
+import math
 import os
 import secrets
 import time
@@ -43,10 +50,10 @@ from tokenizers import Tokenizer
 
 from actors import metrics
 from actors.coordinator import Refused
+from actors.tasks import TASKS
 from cluster.auth import KEYS_ENV, KEYS_FILE_ENV, MAX_IN_FLIGHT_PER_KEY, Access, ApiKeys, Denied, read_keys
 from cluster.config import ClusterConfig, connect_or_start
-from cluster.wire import BraidFields, ChatRequest, CompletionRequest, Shape, sla_met, sse
-from countdown.traces import SERVE_OPTIONS
+from cluster.wire import BraidFields, ChatRequest, CompletionRequest, Shape, good_answer, sla_outcome, sse
 
 # Serve kills a proxy that is not ready within 5 s; a loaded laptop or a 2-core CI machine
 # can take longer to start one. Applied to the local clusters `braid serve` (and the tests) start.
@@ -57,13 +64,22 @@ MAX_INGRESS_REQUESTS = 4096  # requests one ingress replica takes in at once (ad
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.retry_after_s = retry_after_s
 
 
-def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}}, status)
+def error_response(
+    status: int, message: str, kind: str, param: str | None = None, retry_after_s: float | None = None
+) -> JSONResponse:
+    """OpenAI's error shape; a refusal says when to retry (`Retry-After`, whole seconds)."""
+    headers = None if retry_after_s is None else {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status, headers=headers)
 
 
 api = FastAPI(title="Braid", description="Serving language models that reason in parallel")
@@ -103,7 +119,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     if exc.status in (400, 404):  # 401 and 429 are counted where they are raised
         bad_request(request)
-    return error_response(exc.status, exc.message, exc.kind, exc.param)
+    return error_response(exc.status, exc.message, exc.kind, exc.param, exc.retry_after_s)
 
 
 def refusal(error: BaseException) -> Refused | None:
@@ -162,7 +178,8 @@ class BraidAPI:
         except Denied as denied:
             metrics.ERRORS.labels(self.model, "unauthorized" if denied.status == 401 else "key_busy").inc()
             kind = "authentication_error" if denied.status == 401 else "rate_limit_error"
-            raise ApiError(denied.status, denied.message, kind) from None
+            retry = None if denied.status == 401 else 1.0
+            raise ApiError(denied.status, denied.message, kind, retry_after_s=retry) from None
 
     async def _answer(self, body: BraidFields, prompt: str, chat: bool, key: str | None) -> Any:
         """The answer; `key` (admitted) is released when it is complete, for a stream at its end."""
@@ -229,10 +246,12 @@ class BraidAPI:
         if refused is not None:
             busy = refused.status == 429
             metrics.ERRORS.labels(self.model, "refused_busy" if busy else "refused_budget").inc()
-            return ApiError(refused.status, refused.reason, "rate_limit_error" if busy else "unavailable")
+            kind = "rate_limit_error" if busy else "unavailable"
+            return ApiError(refused.status, refused.reason, kind, retry_after_s=refused.retry_after_s)
         if isinstance(error, ray.exceptions.ActorUnavailableError):  # Ray is restarting the coordinator
             metrics.ERRORS.labels(self.model, "unavailable").inc()
-            return ApiError(503, "the coordinator is restarting; retry in a few seconds", "unavailable")
+            message = "the coordinator is restarting; retry in a few seconds"
+            return ApiError(503, message, "unavailable", retry_after_s=5)
         metrics.ERRORS.labels(self.model, "replica_failed").inc()
         return ApiError(500, f"the request failed: {str(error).splitlines()[0]}", "server_error")
 
@@ -249,9 +268,13 @@ class BraidAPI:
                 forks[key] = forks.get(key, 0) + 1
         for width in forks.values():
             metrics.FANOUT.labels(self.model, protocol).observe(width)
-        met = sla_met(result, options)
-        if met is not None:
-            metrics.SLA.labels(self.model, "met" if met else "missed").inc()
+        outcome = sla_outcome(result, options)
+        if outcome is not None:
+            metrics.SLA.labels(self.model, outcome).inc()
+        if good_answer(result, options):
+            metrics.GOOD_ANSWERS.labels(self.model, protocol).inc()
+        cap = result.get("fanout_cap")
+        metrics.FANOUT_CAP.labels(self.model, "none" if cap is None else str(cap)).inc()
 
 
 REQUEST_DEFAULTS = ("protocol", "join_policy", "max_latency_s", "max_threads", "max_depth")
@@ -259,7 +282,7 @@ REQUEST_DEFAULTS = ("protocol", "join_policy", "max_latency_s", "max_threads", "
 
 def task_defaults(task: str) -> dict[str, Any]:
     """The request options a task's model is served with unless a request says otherwise."""
-    return dict(SERVE_OPTIONS) if task == "countdown" else {}
+    return dict(TASKS[task].options)
 
 
 def build(args: dict[str, Any]) -> serve.Application:

@@ -77,10 +77,24 @@ class ChatRequest(BraidFields):
         return "".join(m.content for m in self.messages)
 
 
-def sla_met(result: dict, options: dict) -> bool | None:
-    """Whether the request kept its latency budget (None: it had none)."""
+def sla_outcome(result: dict, options: dict) -> str | None:
+    """How a request with a latency budget did (None: it had none): "met" when it ended on its
+    own (its answer, a stop) inside the budget; "late" when it ended on its own after it;
+    "truncated" when it was cut (at its deadline, or at its token or KV limit) — a miss
+    however soon it came back."""
     budget = options.get("max_latency_s")
-    return None if budget is None else result["latency_s"] <= budget
+    if budget is None:
+        return None
+    if result["finish_reason"] != "stop":
+        return "truncated"
+    return "met" if result["latency_s"] <= budget else "late"
+
+
+def good_answer(result: dict, options: dict) -> bool:
+    """Whether a request counts toward goodput: it ended on its own, inside its budget if it had
+    one, and its answer passed the task's check if there is one (`accepted`)."""
+    return result["finish_reason"] == "stop" and sla_outcome(result, options) in (None, "met") and \
+        result.get("accepted") is not False  # fmt: skip
 
 
 def sse(payload: dict) -> str:
@@ -111,12 +125,20 @@ class Shape:
         return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
 
     def braid(self, result: dict) -> dict:
+        outcome = sla_outcome(result, self.options)
         braid = {
             "finish_reason": result["finish_reason"],
             "latency_s": result["latency_s"],
             "replica": result["replica"],
             "critical_path_tokens": result["usage"]["critical_path_tokens"],
-            "sla": {"max_latency_s": self.options.get("max_latency_s"), "met": sla_met(result, self.options)},
+            "sla": {
+                "max_latency_s": self.options.get("max_latency_s"),
+                "met": None if outcome is None else outcome == "met",
+                "outcome": outcome,
+                "predicted_latency_s": result.get("predicted_latency_s"),
+            },
+            "fanout_cap": result.get("fanout_cap"),
+            "accepted": result.get("accepted"),
             "threads": result["threads"],
         }
         if self.timeline:

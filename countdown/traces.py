@@ -35,6 +35,7 @@ right before it. Example (parallel), prompt `44 12 8 3>43\\n`:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from countdown.problems import Move, Problem, apply, moves
@@ -115,6 +116,17 @@ SERVE_OPTIONS = {"protocol": "threadweaver", "join_policy": "first_success"}
 def prompt(problem: Problem, threads: int | None = None) -> str:
     cap = f"T{threads} " if threads else ""
     return f"{cap}{' '.join(map(str, sorted(problem.nums, reverse=True)))}>{problem.target}\n"
+
+
+def cap_prompt(text: str, threads: int | None) -> str:
+    """A served prompt with its root's fan-out capped at `threads` (a `T<n> ` prefix; None:
+    as it is). A prompt that already has a cap keeps the smaller one."""
+    match = re.match(r"T(\d+) ", text)
+    if threads is None:
+        return text
+    if match is None:
+        return f"T{threads} {text}"
+    return f"T{min(threads, int(match.group(1)))} {text[match.end() :]}"
 
 
 def search(state: tuple[int, ...], target: int, cap: int | None = None) -> Node:

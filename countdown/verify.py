@@ -10,6 +10,7 @@ from countdown.problems import Problem, apply
 
 EQUATION = re.compile(r"(\d+)([+\-*/])(\d+)=(\d+)")
 TARGET = re.compile(r">(\d+)\s*$")
+PROMPT = re.compile(r"(?:T\d+ )?((?:\d+ )*\d+)>(\d+)")
 
 
 def equations(text: str) -> list[tuple[int, str, int, int]]:
@@ -66,3 +67,17 @@ def final_answer(text: str) -> str:
     tail = text.rsplit("</Parallel>", 1)[-1] if "</Parallel>" in text else text.rsplit("}", 1)[-1]
     lines = [line for line in tail.splitlines() if line.strip()]
     return lines[0] if lines else ""
+
+
+def problem_of(prompt: str) -> Problem | None:
+    """The problem a Countdown prompt states (`[T<n> ]a b c d>target`), or None."""
+    match = PROMPT.fullmatch(prompt.strip().splitlines()[-1].strip()) if prompt.strip() else None
+    if match is None:
+        return None
+    return Problem(tuple(int(n) for n in match.group(1).split()), int(match.group(2)))
+
+
+def answer_accepted(prompt: str, text: str) -> bool:
+    """Whether a served answer solves the problem its prompt states (what counts as goodput)."""
+    problem = problem_of(prompt)
+    return problem is not None and check_answer(problem, final_answer(text))

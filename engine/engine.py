@@ -58,6 +58,7 @@ class Engine:
         block_size: int = 16,
         max_num_batched_tokens: int = 1024,
         max_num_seqs: int = 256,
+        max_step_threads: int | None = None,
         seed: int = 0,
         logits_processor: Callable[[list[Thread], torch.Tensor], torch.Tensor] | None = None,
         fused_decode: bool = True,
@@ -65,7 +66,7 @@ class Engine:
         path = Path(model_path)
         self.runner = ModelRunner(path, device, dtype, kv_cache_bytes, block_size, fused_decode)
         self.cache = self.runner.cache
-        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs)
+        self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_step_threads)
         tokenizer_file = path / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
         self.eos_token_ids = set(self.runner.model.args.eos_token_ids) | _generation_eos(path)
@@ -74,6 +75,7 @@ class Engine:
         # Rewrites a step's logits (B, vocab) for its sampling threads; tests force scripts with it.
         self.logits_processor = logits_processor
         self.last_step_tokens = 0  # tokens sampled by the last step
+        self.last_step_threads = 0  # threads computed in the last step
 
     # ---- threads -------------------------------------------------------------------
 
@@ -176,6 +178,7 @@ class Engine:
         chunks, threads = self.scheduler.schedule()
         events = [StepEvent(t.thread_id, None, "", t.finish_reason) for t in self.scheduler.drain_failed()]
         self.last_step_tokens = 0
+        self.last_step_threads = len(chunks)
         if not chunks:
             return events
         logits = self.runner.forward(chunks)

@@ -7,6 +7,10 @@ for it). The join policy decides which children are joined; the protocol writes 
 join into the parent — by merging KV (Multiverse) or by text the parent prefills — and
 the parent goes on, perhaps to fork again. Children may fork too, up to `max_depth`.
 
+Under a latency budget every thread of a request carries the request's deadline, and the
+engine's scheduler runs the threads with the earliest deadline first
+(`engine.scheduler.urgency`): a request near its answer is not slowed by new arrivals.
+
 Running out of KV blocks at a fork or a join is not an error: the step is retried after
 other threads free blocks; only when nothing at all can run does a request end with
 `finish_reason="out_of_blocks"`.
@@ -21,6 +25,7 @@ replica fails is started again here, from its context.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -356,6 +361,8 @@ class ForkJoinEngine:
                 self._record(req, fork, node, result["text"], status)
 
     def _register(self, req: _Request, thread: Thread, node: ThreadNode) -> None:
+        budget = req.options.max_latency_s
+        thread.deadline = math.inf if budget is None else req.start + budget  # the scheduler runs it by this
         req.threads[thread.thread_id] = thread
         req.nodes[thread.thread_id] = node
         req.parsers[thread.thread_id] = req.protocol.parser(is_child=node.depth > 0)

@@ -1,19 +1,25 @@
 """Continuous batching over threads: which tokens of which threads run in the next step.
 
 Plain bookkeeping over the KV cache, no tensors. A thread is WAITING (no KV: new, or
-preempted and to be recomputed from its tokens), RUNNING (scheduled every step while it
-has tokens to compute), PAUSED (KV kept, not scheduled) or FINISHED (KV freed).
+preempted and to be recomputed from its tokens), RUNNING (scheduled each step while it
+has tokens to compute, within `max_step_threads`), PAUSED (KV kept, not scheduled) or FINISHED (KV freed).
 
-Each step takes every running thread's uncomputed tokens (one for a decode, more after
-a resume or for a prefill, chunked to the token budget), oldest thread first, then
-admits waiting threads while the budget and the pool allow. When a running thread needs
-a block and none is left, the youngest running thread is preempted: its KV is freed and
-it waits to be recomputed (its prefix is often still in the prefix index).
+Each step takes the running threads' uncomputed tokens (one for a decode, more after a
+resume or for a prefill, chunked to the token budget), most urgent thread first, then
+admits waiting threads while the budget and the pool allow. `urgency` is the one place
+that ranks threads: earliest deadline first (a thread's deadline is its request's; see
+`engine.forkjoin`), then oldest; threads without a deadline come after every thread
+with one, oldest first, as they would with no deadlines at all. With `max_step_threads`
+a step takes at most that many threads, so under load the most urgent ones run at full
+speed instead of every thread slowing down together. When a running thread needs a
+block and none is left, the least urgent running thread is preempted: its KV is freed
+and it waits to be recomputed (its prefix is often still in the prefix index).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -48,6 +54,7 @@ class Thread:
     num_preemptions: int = 0
     output_ids: list[int] = field(default_factory=list)  # generated and inserted tokens
     keep_kv: bool = False  # on finish keep the sequence (a join will merge it); Engine.release frees it
+    deadline: float = math.inf  # when its request must have answered (the fork-join clock); inf: no budget
 
     def insert(self, token_ids: list[int]) -> None:
         """Add tokens the thread did not sample (a join's text, a child's path) to its context."""
@@ -62,15 +69,23 @@ class Thread:
         return self.token_ids[len(self.seq) :] if self.seq is not None else self.token_ids
 
 
+def urgency(thread: Thread) -> tuple[float, int]:
+    """The rank of a thread in a step: earliest deadline first, then oldest (ids grow with age)."""
+    return thread.deadline, thread.thread_id
+
+
 class Scheduler:
-    def __init__(self, cache: KVCache, max_num_batched_tokens: int, max_num_seqs: int) -> None:
-        if max_num_batched_tokens < 1 or max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+    def __init__(
+        self, cache: KVCache, max_num_batched_tokens: int, max_num_seqs: int, max_step_threads: int | None = None
+    ) -> None:
+        if max_num_batched_tokens < 1 or max_num_seqs < 1 or (max_step_threads or 1) < 1:
+            raise ValueError("max_num_batched_tokens, max_num_seqs and max_step_threads must be >= 1")
         self.cache = cache
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
+        self.max_step_threads = max_step_threads or math.inf  # threads one step computes, at most
         self.waiting: deque[Thread] = deque()
-        self.running: list[Thread] = []  # oldest first
+        self.running: list[Thread] = []  # most urgent first (sorted at each step)
         self.paused: dict[int, Thread] = {}
         self.failed: list[Thread] = []  # ended by the scheduler since the last drain_failed()
         self._ids = itertools.count()
@@ -124,51 +139,60 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------
 
     def schedule(self) -> tuple[list[Chunk], list[Thread]]:
-        """The next step's chunks and their threads (same order); may preempt or admit."""
+        """The next step's chunks and their threads (same order); may preempt or admit.
+
+        Running and waiting threads are taken together, most urgent first: a waiting thread
+        is admitted (given KV) when the pool has room, and once one cannot be, no less urgent
+        one jumps ahead of it."""
         chunks: list[Chunk] = []
         threads: list[Thread] = []
         budget = self.max_num_batched_tokens
-        for thread in list(self.running):
-            if budget == 0:
+        self.running.sort(key=urgency)
+        admitting = True
+        for thread in sorted([*self.running, *self.waiting], key=urgency):
+            if budget == 0 or len(threads) >= self.max_step_threads:
                 break
-            if thread.state is not ThreadState.RUNNING or not self._give_slots(thread):
+            if thread.state is ThreadState.WAITING:
+                admitting = admitting and self._admit(thread)
+                if not admitting:
+                    continue
+            elif thread.state is not ThreadState.RUNNING or not self._give_slots(thread):
                 continue
             take = min(len(thread.seq) - thread.seq.num_computed, budget)
             if take:
                 chunks.append(Chunk(thread.seq, take))
                 threads.append(thread)
                 budget -= take
-        while self.waiting and budget and len(self.running) < self.max_num_seqs:
-            thread = self.waiting[0]
-            # Leave a block of headroom per running thread so admitting does not force a preemption.
-            headroom = len(self.running)
-            if self.cache.blocks_for(len(thread.token_ids)) + headroom > self.cache.num_available_blocks:
-                break
-            self.waiting.popleft()
-            thread.seq = self.cache.allocate(thread.token_ids)
-            thread.state = ThreadState.RUNNING
-            self.running.append(thread)
-            take = min(len(thread.seq) - thread.seq.num_computed, budget)
-            chunks.append(Chunk(thread.seq, take))
-            threads.append(thread)
-            budget -= take
         if not chunks:
             self._fail_if_stuck()
         return chunks, threads
 
+    def _admit(self, thread: Thread) -> bool:
+        """Give a waiting thread its KV (prefix-index hits included) and run it, if there is room."""
+        # Leave a block of headroom per running thread so admitting does not force a preemption.
+        headroom = len(self.running)
+        full = len(self.running) >= self.max_num_seqs
+        if full or self.cache.blocks_for(len(thread.token_ids)) + headroom > self.cache.num_available_blocks:
+            return False
+        self.waiting.remove(thread)
+        thread.seq = self.cache.allocate(thread.token_ids)
+        thread.state = ThreadState.RUNNING
+        self.running.append(thread)
+        return True
+
     def _give_slots(self, thread: Thread) -> bool:
         """Append the thread's pending tokens to its sequence, preempting if the pool is short.
 
-        Victims are younger running threads (not yet scheduled this step), youngest first;
+        Victims are less urgent running threads (not yet scheduled this step), least first;
         with none left the thread preempts itself. Only standard-layout sequences can be
         recomputed from their tokens, so a merged one is never a victim: it just waits.
         """
         pending = thread.pending
         index = self.running.index(thread)
         while not self.cache.can_append(thread.seq, len(pending)):
-            younger = [t for t in self.running[index + 1 :] if t.seq.standard_layout]
-            if younger:
-                self._preempt(younger[-1])
+            later = [t for t in self.running[index + 1 :] if t.seq.standard_layout]
+            if later:
+                self._preempt(later[-1])
                 continue
             if thread.seq.standard_layout:
                 self._preempt(thread)

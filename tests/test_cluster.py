@@ -36,18 +36,6 @@ def test_placement_prefers_the_least_loaded_then_the_prefix_home() -> None:
     assert placement.choose("12 34 56 78>90\n") != first  # too busy now: load wins
 
 
-def test_a_latency_budget_places_only_where_enough_steps_fit() -> None:
-    placement = Placement(3)
-    placement.started(0)
-    step_s = [0.01, 0.5, 0.02]  # replica 1 is slow now
-    assert placement.choose_within(1.0, step_s) == 2  # 0 is busier; 1 fits only 2 steps of the 8 needed
-    placement.started(2)
-    placement.started(2)
-    assert placement.choose_within(1.0, step_s) == 0
-    assert placement.choose_within(1.0, step_s, exclude=frozenset({0, 2})) is None
-    assert placement.choose_within(0.05, step_s) is None  # 8 steps fit nowhere: refuse
-
-
 def test_children_stay_local_while_there_is_room_then_go_by_the_cheaper_prefix_path() -> None:
     place = ChildPlacement(0, capacity=2, cost=PrefixCost(bandwidth_bytes_s=1e9, latency_s=0.001, prefill_tokens_s=1e4))
     args = {"step_s": 0.05, "prefix_key": 7, "num_tokens": 1000, "num_bytes": 10**6}

@@ -466,3 +466,35 @@ def test_a_join_prunes_a_child_together_with_its_own_open_fork(ckpt: Path) -> No
     assert [n.status for n in result.threads] == ["done", "joined", "pruned", "pruned"]
     assert result.text.endswith("one </Thread>\n</Parallel>\nanswer")
     assert engine.cache.stats().used_blocks == 0
+
+
+def test_with_one_thread_a_step_the_earliest_deadline_runs_first(ckpt: Path) -> None:
+    """`max_step_threads=1`: a request without a budget arrives, then one with a far deadline,
+    then one with a near deadline that forks (its children carry its deadline). They end near,
+    far, none: budgeted requests before unbudgeted ones, each in deadline order, whatever the
+    order they came in; and the near one ends after exactly the steps it takes alone: no
+    other request's thread took a step from it."""
+    scripts = {
+        "A:": "a " * 10, "B:": "b " * 10, "C:": TW_ROOT + "answer",
+        "<Thread>\n1:1: a\n": "one</Thread>", "<Thread>\n2:2: b\n": "two two</Thread>",
+    }  # fmt: skip
+
+    def options(budget_s: float | None) -> ForkJoinOptions:
+        sampling = SamplingParams(max_new_tokens=100)
+        return ForkJoinOptions(protocol="threadweaver", max_latency_s=budget_s, sampling=sampling)
+
+    def ends(prompts: list[tuple[str, float | None]]) -> list[tuple[str, int]]:
+        """(prompt, the engine step it ended at) of each request, in the order they ended."""
+        engine, _ = scripted_engine(ckpt, scripts, max_step_threads=1)
+        clock = StepClock(engine)
+        fj = ForkJoinEngine(engine, clock=clock)
+        ids = {fj.submit(text, options(budget)): text for text, budget in prompts}
+        ended = []
+        while fj.has_work():
+            ended += [(ids[r.request_id], clock.steps) for r in fj.step() if r.finish_reason == "stop"]
+        return ended
+
+    ((_, alone),) = ends([("C:", 30.0)])
+    together = ends([("A:", None), ("B:", 60.0), ("C:", 30.0)])
+    assert [text for text, _ in together] == ["C:", "B:", "A:"]
+    assert together[0][1] == alone

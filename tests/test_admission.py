@@ -1,0 +1,129 @@
+"""Admission by predicted completion and the load-adaptive fan-out (`actors.admission`), as
+plain classes: what a replica's measured steps and a request's learned cost predict, and
+what is admitted, narrowed or refused because of it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from actors.admission import ADMIT_SHARE, Admission, Cost, Costs, ReplicaModel, StepTimes
+
+WIDTHS = (None, 2)  # the embedded model's: its own fan-out, or 2 at the root
+PRIOR = Cost(1000.0, 1000.0)
+
+
+def replica(step_ms: float = 10.0, cap: int = 32) -> ReplicaModel:
+    """A replica whose step takes `step_ms` whatever it computes (capacity cap / step tokens a second)."""
+    return ReplicaModel(StepTimes({1: step_ms / 1000, cap: step_ms / 1000}), cap)
+
+
+def learned() -> Admission:
+    """Costs as the embedded model's: its own fan-out 2000 tokens, 400 on the critical path;
+    capped at 2, half the tokens."""
+    admission = Admission(1, now=0.0)
+    admission.costs.observe("threadweaver", None, 2000, 400, ended=True)
+    admission.costs.observe("threadweaver", 2, 1000, 300, ended=True)
+    return admission
+
+
+def admit(admission: Admission, now: float, budget_s: float = 10.0, models: list[ReplicaModel] | None = None):
+    return admission.admit(budget_s, "threadweaver", WIDTHS, models or [replica()], now, PRIOR)
+
+
+def test_step_times_average_per_bucket_interpolate_and_clip_outliers() -> None:
+    steps = StepTimes()
+    for _ in range(10):
+        steps.observe(4, 0.004)
+        steps.observe(16, 0.010)
+    assert steps.at(4) == pytest.approx(0.004) and steps.at(16) == pytest.approx(0.010)
+    assert steps.at(10) == pytest.approx(0.007)  # between buckets 4 and 16
+    assert steps.at(64) == pytest.approx(0.040)  # above what was seen: in proportion, pessimistic
+    steps.observe(16, 10.0)  # a step that prefilled a long prompt counts as at most 2x the mean
+    assert steps.at(16) < 0.011
+
+
+def test_costs_learn_per_cap_and_a_cut_request_only_raises_them() -> None:
+    costs = Costs()
+    assert costs.get("threadweaver", 2, WIDTHS) is None
+    costs.observe("threadweaver", None, 2000, 400, ended=True)
+    assert costs.get("threadweaver", 2, WIDTHS).tokens == 2000  # unseen cap: the wider one's cost
+    costs.observe("threadweaver", 2, 1000, 300, ended=True)
+    costs.observe("threadweaver", 2, 100, 30, ended=False)  # cut short: it needed more than this
+    assert costs.get("threadweaver", 2, WIDTHS).tokens == 1000
+    costs.observe("threadweaver", 2, 500, 200, ended=True)
+    assert 500 < costs.get("threadweaver", 2, WIDTHS).tokens < 1000
+
+
+def test_the_fan_out_narrows_as_load_rises_and_widens_when_it_falls() -> None:
+    admission = learned()
+    first = admit(admission, now=0.0)
+    assert first.replica == 0 and first.width is None  # idle: the model's own fan-out
+    assert first.predicted_s == pytest.approx(4.0, rel=0.01)  # 400 critical-path steps of 10 ms
+    keys = [admission.started(first)]
+    widths = []
+    for i in range(1, 8):  # one a second: 1000+ tokens a second asked, capacity 3200
+        decision = admit(admission, now=0.1 * i)
+        widths.append(decision.width)
+        if decision.replica is not None:
+            keys.append(admission.started(decision))
+    assert widths[0] is None and widths[-1] == 2  # narrowed once the backlog grew
+    assert all(w == 2 for w in widths[widths.index(2) :])
+    for key in keys:  # all answered, as predicted
+        admission.finished(0, key, None, 0.0, ended=True)
+    assert admit(admission, now=30.0).width is None  # idle again, and nothing asked lately: wide
+
+
+def test_under_a_flood_only_the_narrowest_cap_is_given() -> None:
+    admission = learned()
+    decisions = [admit(admission, now=0.0) for _ in range(5)]  # five at once, none started: no backlog
+    # Each asks 1000 tokens (at cap 2) of a replica computing 3200 a second: over half of it from the third on.
+    assert [d.width for d in decisions] == [None, None, 2, 2, 2]
+
+
+def test_a_request_predicted_not_to_fit_is_refused_with_a_retry_time() -> None:
+    admission = learned()
+    admitted = 0
+    while (decision := admit(admission, now=0.0)).replica is not None:
+        admission.started(decision)
+        admitted += 1
+    # 3200 tokens a second for 7.5 s: about 24 requests of 1000 tokens fit in their budget.
+    assert 15 <= admitted <= 24
+    assert decision.retry_after_s >= 1.0
+    assert admit(admission, now=0.0, budget_s=2.0).replica is None  # 300 steps of 10 ms: more than 0.75 x 2 s
+    later = admit(admission, now=decision.retry_after_s + 0.5)  # the backlog drained in the meantime
+    assert later.replica == 0 and later.predicted_s <= ADMIT_SHARE * 10.0
+
+
+def test_no_admitted_request_is_pushed_past_its_deadline() -> None:
+    admission = learned()
+    while (decision := admit(admission, now=0.0)).replica is not None:
+        admission.started(decision)
+    admission.scale = 1.3  # latencies measured since: the last ones admitted now end just before 10 s
+    # An urgent request would run first (earliest deadline) and make them late: refused.
+    assert admit(admission, now=0.0, budget_s=9.0).replica is None
+    assert admit(admission, now=0.0, budget_s=30.0).replica == 0  # one that waits for them fits
+
+
+def test_the_prediction_is_corrected_by_measured_latencies() -> None:
+    admission = learned()
+    for i in range(30):  # requests alone take 8 s where the model says 4 s
+        decision = admit(admission, now=100.0 * i, budget_s=30.0)
+        key = admission.started(decision)
+        admission.finished(0, key, decision.predicted_s, 8.0, ended=True)
+    assert admission.scale == pytest.approx(2.0, rel=0.1)
+    assert admit(admission, now=1e4, budget_s=30.0).predicted_s == pytest.approx(admission.scale * 4.0, rel=0.01)
+
+
+def test_nothing_learned_yet_a_request_is_tried_where_nothing_else_runs() -> None:
+    admission = Admission(2, now=0.0)
+    models = [replica(), replica()]
+    first = admission.admit(10.0, "apr", WIDTHS, models, 0.0, PRIOR)
+    assert first.replica == 0 and first.width is None and first.predicted_s is None
+    admission.started(first)
+    second = admission.admit(10.0, "apr", WIDTHS, models, 0.0, PRIOR)
+    assert second.replica == 1  # replica 0 is busy: its prior says 1000 steps, not in 10 s
+    admission.started(second)
+    assert admission.admit(10.0, "apr", WIDTHS, models, 0.0, PRIOR).replica is None
+    assert math.isfinite(models[0].capacity())
