@@ -222,7 +222,8 @@ class Admission:
         now: float, prior: Cost, exclude: frozenset[int] = frozenset(),
     ) -> Decision:  # fmt: skip
         """Where (and how wide) a request with this budget runs, or a refusal; `prior` is its
-        cost while nothing is known at a cap. Call `started` with an admitting decision."""
+        cost while nothing is known at a cap, and the most it can cost (its token limits).
+        Call `started` with an admitting decision."""
         narrowest = self.costs.get(protocol, widths[-1], widths) or prior
         busy = self._offered(now, narrowest.tokens) > WIDE_LOAD * sum(m.capacity() for m in models)
         choices = list(enumerate(widths))[-1:] if busy else list(enumerate(widths))
@@ -234,8 +235,9 @@ class Admission:
             backlog.drain(now, model, self.scale)
             for rank, width in choices:
                 cost = self.costs.get(protocol, width, widths)
-                job = Job(now + budget_s, (cost or prior).tokens, (cost or prior).critical_high, 0.0)
-                job.floor = LEFT_FLOOR * job.tokens
+                tokens = min((cost or prior).tokens, prior.tokens)  # never more than the request may write
+                job = Job(now + budget_s, tokens, min((cost or prior).critical_high, prior.critical), 0.0)
+                job.floor = LEFT_FLOOR * tokens
                 if cost is None and not backlog.jobs and budget_s >= MIN_STEPS * model.step.at(1):
                     return Decision(index, width, None, job=job)  # nothing known, nothing else there: try it
                 predicted = self._fits(backlog, model, job, now)
