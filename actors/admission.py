@@ -24,8 +24,8 @@ cap that ends within ADMIT_SHARE of it (forks join by `EARLY_JOIN` of the budget
 that its children would be cut), and only where no request already admitted is pushed
 past its own deadline. Else it is refused, with the seconds after which it would fit.
 Under load only the narrowest cap is given: when the work asked of the cluster lately
-(every request with a budget over LOAD_WINDOW_S, refused ones too, at their narrowest
-cost) is over WIDE_LOAD of what its replicas compute with every step full. So the fan-out
+(every request with a budget over LOAD_WINDOW_S, refused ones too, at their widest cost)
+is over WIDE_LOAD of what its replicas compute with every step full. So the fan-out
 is wide while the cluster is idle and narrows as load rises, before anyone is refused:
 at the narrowest cap a request solves about as often for half the tokens (Countdown).
 """
@@ -49,7 +49,7 @@ AVERAGE = 0.2  # weight of the newest request in the cost averages
 STEP_WINDOW = 500  # steps, about, that a replica's step time per bucket averages over
 STEP_CLIP = 2.0  # a step counts as at most this many times its bucket's mean
 SCALE_WEIGHT = 0.1  # of the newest request in the correction of predicted latency
-SCALE_LIMIT = 4.0  # the correction stays within [1 / this, this]
+SCALE_LIMIT = 2.0  # the correction stays within [1 / this, this]
 CUT_PENALTY = 1.25  # a request cut at its deadline counts as having needed this much longer
 
 
@@ -139,6 +139,7 @@ class Job:
     tokens: float  # work left
     critical: float  # critical path left
     floor: float  # tokens it is assumed to have left while it runs, at least
+    model_s: float | None = None  # its latency as the model alone predicted it at admission
 
     @property
     def threads(self) -> float:
@@ -224,8 +225,8 @@ class Admission:
         """Where (and how wide) a request with this budget runs, or a refusal; `prior` is its
         cost while nothing is known at a cap, and the most it can cost (its token limits).
         Call `started` with an admitting decision."""
-        narrowest = self.costs.get(protocol, widths[-1], widths) or prior
-        busy = self._offered(now, narrowest.tokens) > WIDE_LOAD * sum(m.capacity() for m in models)
+        widest = self.costs.get(protocol, widths[0], widths) or prior
+        busy = self._offered(now, min(widest.tokens, prior.tokens)) > WIDE_LOAD * sum(m.capacity() for m in models)
         choices = list(enumerate(widths))[-1:] if busy else list(enumerate(widths))
         best: tuple[tuple[int, float], Decision] | None = None
         late = math.inf
@@ -233,6 +234,9 @@ class Admission:
             if index in exclude:
                 continue
             backlog.drain(now, model, self.scale)
+            # An idle replica is judged by the model alone (the correction at most 1): were the
+            # correction ever too high, requests would still be admitted there and correct it.
+            scale = self.scale if backlog.jobs else min(self.scale, 1.0)
             for rank, width in choices:
                 cost = self.costs.get(protocol, width, widths)
                 tokens = min((cost or prior).tokens, prior.tokens)  # never more than the request may write
@@ -240,9 +244,10 @@ class Admission:
                 job.floor = LEFT_FLOOR * tokens
                 if cost is None and not backlog.jobs and budget_s >= MIN_STEPS * model.step.at(1):
                     return Decision(index, width, None, job=job)  # nothing known, nothing else there: try it
-                predicted = self._fits(backlog, model, job, now)
+                predicted = self._fits(backlog, model, job, now, scale)
                 if predicted is None:
                     continue
+                job.model_s = predicted / scale
                 share = predicted / budget_s
                 if share <= ADMIT_SHARE and (share <= WIDE_SHARE or rank == len(widths) - 1):
                     key = (rank, predicted)  # the widest cap, then the soonest end
@@ -256,18 +261,18 @@ class Admission:
 
     def _offered(self, now: float, tokens: float) -> float:
         """Tokens per second asked of the cluster lately (before this request, which is counted
-        in): every request with a budget, admitted or not, at its narrowest cost."""
+        in): every request with a budget, admitted or not, at its widest cost."""
         while self.arrivals and self.arrivals[0][0] < now - LOAD_WINDOW_S:
             self.arrivals.popleft()
         offered = sum(t for _, t in self.arrivals) / max(now - self.arrivals[0][0], 1.0) if self.arrivals else 0.0
         self.arrivals.append((now, tokens))
         return offered
 
-    def _fits(self, backlog: Backlog, model: ReplicaModel, job: Job, now: float) -> float | None:
+    def _fits(self, backlog: Backlog, model: ReplicaModel, job: Job, now: float, scale: float) -> float | None:
         """The job's predicted latency, or None when it would push an admitted job that was on
         time past its deadline."""
-        before = backlog.finish_times(now, model, self.scale)
-        after = backlog.finish_times(now, model, self.scale, job)
+        before = backlog.finish_times(now, model, scale)
+        after = backlog.finish_times(now, model, scale, job)
         for key, end in before.items():
             deadline = backlog.jobs[key].deadline
             if end <= deadline < after[key]:
@@ -281,13 +286,15 @@ class Admission:
         self.backlogs[decision.replica].jobs[key] = decision.job
         return key
 
-    def finished(self, replica: int, key: int, predicted_s: float | None, latency_s: float, ended: bool) -> None:
-        """An admitted request is over: off its backlog, and its latency against the prediction
-        corrects the next ones (`ended` false: cut short, it would have taken longer still)."""
-        self.backlogs[replica].jobs.pop(key, None)
-        if predicted_s:
-            ratio = latency_s / predicted_s * (1.0 if ended else CUT_PENALTY)
-            self.scale = min(SCALE_LIMIT, max(1 / SCALE_LIMIT, self.scale * ratio**SCALE_WEIGHT))
+    def finished(self, replica: int, key: int, latency_s: float, ended: bool) -> None:
+        """An admitted request is over: off its backlog, and its latency against the model's
+        prediction moves the correction (`ended` false: cut short, it would have taken longer
+        still)."""
+        job = self.backlogs[replica].jobs.pop(key, None)
+        if job is not None and job.model_s:
+            ratio = latency_s / job.model_s * (1.0 if ended else CUT_PENALTY)
+            scale = self.scale ** (1 - SCALE_WEIGHT) * ratio**SCALE_WEIGHT  # a moving geometric mean
+            self.scale = min(SCALE_LIMIT, max(1 / SCALE_LIMIT, scale))
 
     def cancelled(self, replica: int, key: int) -> None:
         """An admitted request that ended with no result (its replica failed, its client left)."""

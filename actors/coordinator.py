@@ -210,7 +210,7 @@ class Coordinator:
         costs = self.admission.costs
         costs.observe(protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], ended)
         if admitted.key is not None:
-            self.admission.finished(admitted.replica, admitted.key, admitted.predicted_s, result["latency_s"], ended)
+            self.admission.finished(admitted.replica, admitted.key, result["latency_s"], ended)
         result.update(fanout_cap=admitted.width, predicted_latency_s=admitted.predicted_s)
         return result
 

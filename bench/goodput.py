@@ -4,8 +4,9 @@ what one replica can do, for Braid's policy and for the policy it replaced.
     python -m bench.goodput [--budget 10] [--seconds 30] [--loads 0.5 1 2 4]
 
 A local Ray cluster with one replica of the embedded Countdown model and the HTTP app. First
-the replica's capacity is measured: requests a second it completes with 8 in flight and
-no budget (the model's own fan-out). Then, for each policy in turn (a fresh cluster each),
+the replica's capacity is measured (on Braid's cluster): requests a second it completes
+with 8 in flight and no budget (the model's own fan-out). Then, for each policy in turn (a
+fresh cluster each),
 Countdown requests arrive open-loop (Poisson, a fixed seed) for `--seconds` at each
 multiple of that capacity, every request with `max_latency_s` = `--budget`:
 
@@ -135,13 +136,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=10.0, help="max_latency_s of every request")
-    parser.add_argument("--seconds", type=float, default=30.0, help="arrivals at each load last this long")
+    parser.add_argument("--seconds", type=float, default=60.0, help="arrivals at each load last this long")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     rows, cap = [], 0.0
-    for policy in ("baseline", "braid"):
+    for policy in POLICIES:
         with LocalService(max_in_flight_per_key=4096, **CONFIG[policy]) as service:
             if not cap:
                 cap = capacity(service)
