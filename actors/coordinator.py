@@ -12,6 +12,10 @@ most urgent threads first, at most `max_step_threads` a step; "even" admits ever
 (up to `max_requests`), runs every live thread each step and never narrows a fan-out:
 Braid before deadline-aware admission, kept as the peer `bench.goodput` measures against.
 
+A budget counts from the request's arrival here: a replica is given what is left of it,
+and the latency a result reports (and its SLA outcome is judged by) is measured here too,
+so time spent waiting to be admitted or on a failed replica counts.
+
 Failure: when a request's replica dies mid-request, the request runs again, from its
 prompt, on another replica (once per replica at most) while less than `retry_within_s`
 has passed since it started; else it fails with `ReplicaFailed`, naming the replica. Ray
@@ -77,6 +81,7 @@ class Admitted:
     width: int | None = None  # the fan-out cap chosen (None: the request's own)
     predicted_s: float | None = None  # its latency predicted at admission
     key: int | None = None  # its entry in the admission's backlog
+    arrived: float = 0.0  # time.monotonic() when the coordinator received the request
 
 
 def free_port() -> int:
@@ -132,19 +137,27 @@ class Coordinator:
         calls = []
         for i, (prompt, width) in enumerate(pairs):
             text, options = self.task.narrow(prompt, dict(self.task.options), width)
-            admitted = Admitted(i % len(self.replicas), text, options, width)
+            admitted = Admitted(i % len(self.replicas), text, options, width, arrived=time.monotonic())
             calls.append(self._answered(admitted, self.replicas[admitted.replica].generate.remote(text, options)))
         await asyncio.gather(*calls)
         await self._read_loads()
 
-    async def admit(self, prompt: str, options: dict[str, Any], tried: frozenset[int] = frozenset()) -> Admitted:
-        """Where a request goes and with what fan-out cap, or refused fast: a full cluster (429),
-        or a latency budget it is not predicted to meet anywhere now (503)."""
+    async def admit(
+        self, prompt: str, options: dict[str, Any], arrived: float, tried: frozenset[int] = frozenset()
+    ) -> Admitted:
+        """Where a request that arrived at `arrived` goes and with what fan-out cap (its options
+        carry what is left of its budget), or refused fast: a full cluster (429), or a latency
+        budget it is not predicted to meet anywhere now (503)."""
         if sum(self.placement.in_flight) >= self.max_requests:
             raise Refused(429, f"busy: {self.max_requests} requests in flight; retry later")
         budget = options.get("max_latency_s")
+        if budget is not None:
+            budget -= time.monotonic() - arrived
+            if budget <= 0:
+                raise Refused(503, "the request's latency budget ran out before it could be placed", 1)
+            options = {**options, "max_latency_s": budget}
         if budget is None or self.policy == "even":
-            return Admitted(self.placement.choose(prompt, exclude=tried), prompt, options)
+            return Admitted(self.placement.choose(prompt, exclude=tried), prompt, options, arrived=arrived)
         protocol = options.get("protocol") or DEFAULT_PROTOCOL
         limit = float(options.get("sampling", {}).get("max_new_tokens") or options.get("max_total_tokens") or 1024)
         prior = Cost(limit, limit)  # nothing learned yet: as long as the request may run
@@ -156,13 +169,13 @@ class Coordinator:
                                f"not predicted to answer in time; retry in {retry} s", retry)  # fmt: skip
         text, narrowed = self.task.narrow(prompt, options, decision.width)
         key = self.admission.started(decision)
-        return Admitted(decision.replica, text, narrowed, decision.width, decision.predicted_s, key)
+        return Admitted(decision.replica, text, narrowed, decision.width, decision.predicted_s, key, arrived)
 
     async def stream(self, prompt: str, options: dict[str, Any] | None = None):
         """The request's events as they happen (see `Replica.generate_stream`); no retry once
         streaming has begun: a failed replica ends the stream with an error event. Cancelled
         (its caller went away), Ray cancels the replica's stream too, which ends the request."""
-        admitted = await self.admit(prompt, options or {})
+        admitted = await self.admit(prompt, options or {}, time.monotonic())
         self.placement.started(admitted.replica)
         try:
             replica = self.replicas[admitted.replica]
@@ -182,7 +195,7 @@ class Coordinator:
         start = time.monotonic()
         tried: set[int] = set()
         while True:
-            admitted = await self.admit(prompt, options or {}, frozenset(tried))
+            admitted = await self.admit(prompt, options or {}, start, frozenset(tried))
             self.placement.started(admitted.replica)
             try:
                 replica = self.replicas[admitted.replica]
@@ -203,7 +216,9 @@ class Coordinator:
         return self._observe(admitted, await ref)
 
     def _observe(self, admitted: Admitted, result: dict) -> dict:
-        """Learn the request's cost at its fan-out cap; the result with the cap and the prediction."""
+        """Learn the request's cost at its fan-out cap; the result with the cap, the prediction
+        and its latency as measured here (from its arrival, not its replica's)."""
+        result["latency_s"] = time.monotonic() - admitted.arrived
         protocol = admitted.options.get("protocol") or DEFAULT_PROTOCOL
         usage = result["usage"]
         ended = result["finish_reason"] == "stop"

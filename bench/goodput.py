@@ -1,7 +1,7 @@
 """Goodput under load: answers within their budget per second, as offered load rises past
 what one replica can do, for Braid's policy and for the policy it replaced.
 
-    python -m bench.goodput [--budget 10] [--seconds 30] [--loads 0.5 1 2 4]
+    python -m bench.goodput [--budget 10] [--seconds 60] [--loads 0.5 1 2 4] [--burst 64]
 
 A local Ray cluster with one replica of the embedded Countdown model and the HTTP app. First
 the replica's capacity is measured (on Braid's cluster): requests a second it completes
@@ -18,8 +18,9 @@ multiple of that capacity, every request with `max_latency_s` = `--budget`:
 
 Goodput counts answers that ended on their own within the budget and solve their problem
 (the exact check), per second of arrivals. Per load: goodput, answers within budget, cut at
-the deadline (ended by it: a miss), refused, and p50/p99 latency of the answers. Prints a
-table, saves `docs/goodput.png`, and ends with one line of JSON.
+the deadline (ended by it: a miss), refused, and p50/p99 latency of the answers. Last, per
+policy, a burst: `--burst` requests sent at once, as an SRE would try it. Prints a table,
+saves `docs/goodput.png`, and ends with one line of JSON.
 """
 
 from __future__ import annotations
@@ -91,6 +92,15 @@ def open_loop(service: LocalService, rate: float, seconds: float, budget_s: floa
     return summarize([o for o in outcomes if o is not None], seconds)
 
 
+def burst(service: LocalService, count: int, budget_s: float) -> dict:
+    """`count` requests sent at the same moment; the answers' latencies include any refusal."""
+    with ThreadPoolExecutor(count) as pool:
+        outcomes = list(pool.map(lambda b: post(service, b), bodies(count, budget_s)))
+    stats = summarize(outcomes, 1.0)
+    answered = [wall for status, _, wall in outcomes if status == 200]
+    return {**stats, "slowest_answer_s": round(max(answered, default=0.0), 2)}
+
+
 def summarize(outcomes: list[tuple[int, dict, float]], seconds: float) -> dict:
     answered = [body["braid"] for status, body, _ in outcomes if status == 200]
     met = [b for b in answered if b["sla"]["outcome"] == "met"]
@@ -139,9 +149,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="arrivals at each load last this long")
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--burst", type=int, default=64, help="requests sent at once after the loads (0: none)")
     args = parser.parse_args()
 
-    rows, cap = [], 0.0
+    rows, bursts, cap = [], {}, 0.0
     for policy in POLICIES:
         with LocalService(max_in_flight_per_key=4096, **CONFIG[policy]) as service:
             if not cap:
@@ -156,6 +167,11 @@ def main() -> None:
                 print(f"{policy:<9} {load:>5} {r['rate_rps']:>6.2f} {r['requests']:>5} {r['goodput_rps']:>8.3f} "
                       f"{r['solved']:>7} {r['answered_in_budget']:>9} {r['cut']:>4} {r['late']:>4} {r['refused']:>7} "
                       f"{r['p50_s']:>6.2f} {r['p99_s']:>6.2f}  {r['caps']}", flush=True)  # fmt: skip
+            if args.burst:
+                b = bursts[policy] = burst(service, args.burst, args.budget)
+                print(f"{policy}: {args.burst} at once: {b['solved']} solved in budget, {b['answered_in_budget']} "
+                      f"answered in budget, {b['cut']} cut, {b['late']} late, {b['refused']} refused; "
+                      f"slowest answer {b['slowest_answer_s']} s", flush=True)  # fmt: skip
     plot(rows, ROOT / "docs" / "goodput.png")
     braid = {r["load"]: r for r in rows if r["policy"] == "braid"}
     base = {r["load"]: r for r in rows if r["policy"] == "baseline"}
@@ -169,7 +185,9 @@ def main() -> None:
         "goodput_over_baseline_overload": round(braid[top]["goodput_rps"] / max(base[top]["goodput_rps"], floor), 2),
         "cut_fraction_overload": round(braid[top]["cut"] / max(braid[top]["admitted"], 1), 3),
         "baseline_cut_fraction_overload": round(base[top]["cut"] / max(base[top]["admitted"], 1), 3),
+        "burst_solved": {policy: b["solved"] for policy, b in bursts.items()},
         "rows": rows,
+        "bursts": bursts,
     }))  # fmt: skip
 
 

@@ -135,19 +135,20 @@ def test_merged_sequence_attends_as_multiverse_defines(runner: ModelRunner, ref:
     assert runner.cache.stats().used_blocks == 0
 
 
-def test_decode_only_step_of_every_group_kind(runner: ModelRunner, ref: torch.nn.Module) -> None:
+@pytest.mark.parametrize("forks", [3, 7])  # 6 rows and 10: either side of the fused step's loops/GEMM line (8)
+def test_decode_only_step_of_every_group_kind(runner: ModelRunner, ref: torch.nn.Module, forks: int) -> None:
     """Decode-only steps (the fused C++ step's case) mixing forked children that share a
     prefix (a cascade group, rows interleaved with others), sequences of different lengths
     (padded) and a merged sequence (positions that are not slot indices)."""
     merged = merge_two_paths(runner, 11, (4, 9), seed=70)
     others = [runner.cache.allocate(random_tokens(n, seed=80 + n)) for n in (3, 26, 35)]
     runner.forward([Chunk(s, len(s)) for s in others])
-    children = runner.cache.fork(others[2], 3)
+    children = runner.cache.fork(others[2], forks)
     runner.cache.free(others[2])
     for i, child in enumerate(children):
         runner.cache.append(child, random_tokens(1 + i, seed=90 + i))
     runner.forward([Chunk(c, len(c) - 35) for c in children])
-    seqs = [children[0], merged, children[1], others[0], children[2], others[1]]
+    seqs = [children[0], merged, children[1], others[0], *children[2:], others[1]]
     for step in range(3):
         for i, seq in enumerate(seqs):
             runner.cache.append(seq, [5 + i + step])

@@ -51,10 +51,10 @@ void rms_norm(const float* x, const float* w, float* y, int64_t n, float eps) {
 }
 
 constexpr int64_t kCols = 64;  // output columns per block: 4 AVX-512 (8 AVX2) registers of sums
-// Where the loops below beat ATen's GEMM (measured, docs/engine.md): one or two rows (with
-// more, GEMM reuses each weight across rows) and weights of a few MiB at most (bigger ones
-// MKL streams from memory faster than these loops).
-constexpr int64_t kMaxRows = 2;
+// Where the loops below beat ATen's GEMM (measured, docs/engine.md): up to 8 rows (with
+// more, GEMM reuses each weight across rows; the line moves with the machine's GEMM) and
+// weights of a few MiB at most (bigger ones MKL streams from memory faster than these loops).
+constexpr int64_t kMaxRows = 8;
 constexpr int64_t kMaxWeightBytes = 4 << 20;
 
 bool use_loops(int64_t rows, const at::Tensor& w) { return rows <= kMaxRows && w.nbytes() <= kMaxWeightBytes; }
