@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -46,32 +47,32 @@ LOAD_WINDOW_S = 10.0  # the work asked of the cluster is counted over this long
 MIN_STEPS = 8  # a budget that holds fewer steps than this is refused even before anything is learned
 LEFT_FLOOR = 0.05  # of its work, what a request still running is assumed to have left, at least
 AVERAGE = 0.2  # weight of the newest request in the cost averages
-STEP_WINDOW = 500  # steps, about, that a replica's step time per bucket averages over
-STEP_CLIP = 2.0  # a step counts as at most this many times its bucket's mean
+STEP_WINDOW = 64  # steps: a replica's step time per bucket is their median
 SCALE_WEIGHT = 0.1  # of the newest request in the correction of predicted latency
 SCALE_LIMIT = 2.0  # the correction stays within [1 / this, this]
 CUT_PENALTY = 1.25  # a request cut at its deadline counts as having needed this much longer
 
 
 class StepTimes:
-    """A replica's step time by the threads a step computes: the mean of the last STEP_WINDOW
-    steps (or so) in each power-of-two bucket of thread counts (1, 2-3, 4-7, ...); between
-    buckets interpolated; above the largest bucket seen, growing in proportion to the
-    threads (a pessimistic guess until such steps are seen). A step that also prefills a
-    prompt, a fork or a join can take 10-50x a decode step; it counts as at most
-    STEP_CLIP x the mean, so that a few of them do not swamp a bucket of a few steps."""
+    """A replica's step time by the threads a step computes: the median of the last
+    STEP_WINDOW steps in each power-of-two bucket of thread counts (1, 2-3, 4-7, ...);
+    between buckets interpolated; above the largest bucket seen, growing in proportion to
+    the threads (a pessimistic guess until such steps are seen). Replicas report the
+    engine's decode-only steps: prefilling a prompt, a fork or a join can take 10-50x a
+    step, and the fork-join work around a step (joins, the verifier) comes in lumps; those
+    are a request's costs, which the correction in `Admission` covers. A median, not a mean:
+    the first steps after start (lazy initialisation) and a pause of the process take
+    100x a step, and in a bucket seen rarely a mean would carry them for thousands of steps."""
 
     def __init__(self, seconds: dict[int, float] | None = None) -> None:
         self.seconds: dict[int, float] = dict(seconds or {})  # bucket (its smallest count) -> seconds
-        self.counts: dict[int, int] = {}
+        self.recent: dict[int, deque[float]] = {}
 
     def observe(self, threads: int, seconds: float) -> None:
         bucket = 1 << (max(threads, 1).bit_length() - 1)
-        count = self.counts[bucket] = min(self.counts.get(bucket, 0) + 1, STEP_WINDOW)
-        old = self.seconds.get(bucket)
-        if old is not None:
-            seconds = min(seconds, STEP_CLIP * old)
-        self.seconds[bucket] = seconds if old is None else old + (seconds - old) / count
+        recent = self.recent.setdefault(bucket, deque(maxlen=STEP_WINDOW))
+        recent.append(seconds)
+        self.seconds[bucket] = statistics.median(recent)
 
     def at(self, threads: float) -> float:
         if not self.seconds:

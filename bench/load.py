@@ -115,10 +115,11 @@ def drive(
         return list(pool.map(one, bodies))
 
 
-def countdown_bodies(count: int, budget_s: float | None, seed: int = 0) -> list[dict]:
-    """Forking Countdown requests (test split); every other one with a latency budget."""
+def countdown_bodies(count: int, budget_s: float | None, seed: int = 0, max_tokens: int = 1200) -> list[dict]:
+    """Forking Countdown requests (test split); every other one with a latency budget. With
+    the default `max_tokens` the widest searches are cut by it (~2,400 tokens whole)."""
     chosen = problems.splits(0, 0, count + seed)["test"][seed:]
-    bodies = [{"prompt": countdown_prompt(p), "max_tokens": 1200} for p in chosen]
+    bodies = [{"prompt": countdown_prompt(p), "max_tokens": max_tokens} for p in chosen]
     for body in bodies[::2] if budget_s else []:
         body["max_latency_s"] = budget_s
     return bodies
