@@ -47,22 +47,22 @@ LOAD_WINDOW_S = 10.0  # the work asked of the cluster is counted over this long
 MIN_STEPS = 8  # a budget that holds fewer steps than this is refused even before anything is learned
 LEFT_FLOOR = 0.05  # of its work, what a request still running is assumed to have left, at least
 AVERAGE = 0.2  # weight of the newest request in the cost averages
-STEP_WINDOW = 64  # steps: a replica's step time per bucket is their median
+STEP_WINDOW = 128  # steps a replica's step time per bucket averages over
+STEP_CLIP = 2.0  # a step counts as at most this many times its bucket's median
 SCALE_WEIGHT = 0.1  # of the newest request in the correction of predicted latency
 SCALE_LIMIT = 2.0  # the correction stays within [1 / this, this]
 CUT_PENALTY = 1.25  # a request cut at its deadline counts as having needed this much longer
 
 
 class StepTimes:
-    """A replica's step time by the threads a step computes: the median of the last
-    STEP_WINDOW steps in each power-of-two bucket of thread counts (1, 2-3, 4-7, ...);
-    between buckets interpolated; above the largest bucket seen, growing in proportion to
-    the threads (a pessimistic guess until such steps are seen). Replicas report the
-    engine's decode-only steps: prefilling a prompt, a fork or a join can take 10-50x a
-    step, and the fork-join work around a step (joins, the verifier) comes in lumps; those
-    are a request's costs, which the correction in `Admission` covers. A median, not a mean:
-    the first steps after start (lazy initialisation) and a pause of the process take
-    100x a step, and in a bucket seen rarely a mean would carry them for thousands of steps."""
+    """A replica's step time by the threads a step computes: in each power-of-two bucket of
+    thread counts (1, 2-3, 4-7, ...), the mean of its last STEP_WINDOW steps, each counted
+    as at most STEP_CLIP x their median; between buckets interpolated; above the largest
+    bucket seen, growing in proportion to the threads (a pessimistic guess until such steps
+    are seen). A step is a replica's whole loop iteration: a step that also prefills a
+    prompt, a fork or a join (10-50x a decode step) is part of the cost of running requests,
+    and the mean keeps it; the clip keeps the first steps after start (lazy initialisation,
+    100x a step) and a pause of the process from ruling a bucket seen rarely."""
 
     def __init__(self, seconds: dict[int, float] | None = None) -> None:
         self.seconds: dict[int, float] = dict(seconds or {})  # bucket (its smallest count) -> seconds
@@ -72,7 +72,8 @@ class StepTimes:
         bucket = 1 << (max(threads, 1).bit_length() - 1)
         recent = self.recent.setdefault(bucket, deque(maxlen=STEP_WINDOW))
         recent.append(seconds)
-        self.seconds[bucket] = statistics.median(recent)
+        cap = STEP_CLIP * statistics.median(recent)
+        self.seconds[bucket] = sum(min(s, cap) for s in recent) / len(recent)
 
     def at(self, threads: float) -> float:
         if not self.seconds:

@@ -448,8 +448,8 @@ class ReplicaWorker:
                     for result in finished:
                         self._finished(result.to_dict())
                     took = time.perf_counter() - start
-                    if computing and self.engine.last_step_decoded_only:  # prefills, joins: a request's cost
-                        self.step_times.observe(self.engine.last_step_threads, self.engine.last_step_s)
+                    if computing:
+                        self.step_times.observe(self.engine.last_step_threads, took)
                     self._record(took)
             if not computing:  # idle, or waiting only for children on peers
                 self._wake.wait(timeout=0.05 if not busy else 0.002)

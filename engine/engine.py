@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +76,6 @@ class Engine:
         self.logits_processor = logits_processor
         self.last_step_tokens = 0  # tokens sampled by the last step
         self.last_step_threads = 0  # threads computed in the last step
-        self.last_step_decoded_only = False  # the last step computed one token a thread, no prompt, fork or join
-        self.last_step_s = 0.0  # the last step's forward and sampling, seconds
 
     # ---- threads -------------------------------------------------------------------
 
@@ -182,10 +179,8 @@ class Engine:
         events = [StepEvent(t.thread_id, None, "", t.finish_reason) for t in self.scheduler.drain_failed()]
         self.last_step_tokens = 0
         self.last_step_threads = len(chunks)
-        self.last_step_decoded_only = bool(chunks) and all(c.num_tokens == 1 for c in chunks)
         if not chunks:
             return events
-        start = time.perf_counter()
         logits = self.runner.forward(chunks)
         ready = [i for i, c in enumerate(chunks) if c.seq.num_computed == len(c.seq)]
         if ready:
@@ -196,7 +191,6 @@ class Engine:
             tokens = sample(logits, sampling, [threads[i].generator for i in ready])
             self.last_step_tokens = len(tokens)
             events.extend(self._accept(threads[i], token) for i, token in zip(ready, tokens, strict=True))
-        self.last_step_s = time.perf_counter() - start
         return events
 
     def generate(

@@ -32,16 +32,18 @@ def admit(admission: Admission, now: float, budget_s: float = 10.0, models: list
     return admission.admit(budget_s, "threadweaver", WIDTHS, models or [replica()], now, PRIOR)
 
 
-def test_step_times_per_bucket_interpolate_and_ignore_outliers() -> None:
+def test_step_times_per_bucket_interpolate_and_clip_outliers() -> None:
     steps = StepTimes()
     steps.observe(16, 2.0)  # the first step after start, lazy initialisation and all
     for _ in range(10):
         steps.observe(4, 0.004)
         steps.observe(16, 0.010)
-    steps.observe(4, 5.0)  # a pause of the process
-    assert steps.at(4) == pytest.approx(0.004) and steps.at(16) == pytest.approx(0.010)
-    assert steps.at(10) == pytest.approx(0.007)  # between buckets 4 and 16
-    assert steps.at(64) == pytest.approx(0.040)  # above what was seen: in proportion, pessimistic
+    steps.observe(4, 5.0)  # a pause of the process: counted as twice the median at most
+    assert steps.at(4) == pytest.approx(0.004 * 12 / 11) and steps.at(16) == pytest.approx(0.010 * 12 / 11)
+    steps.observe(4, 0.004)
+    at4, at16 = steps.at(4), steps.at(16)
+    assert steps.at(10) == pytest.approx((at4 + at16) / 2)  # between buckets 4 and 16
+    assert steps.at(64) == pytest.approx(4 * at16)  # above what was seen: in proportion, pessimistic
     for _ in range(STEP_WINDOW):
         steps.observe(16, 0.020)  # the machine got slower: the recent steps tell
     assert steps.at(16) == pytest.approx(0.020)
