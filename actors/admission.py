@@ -89,6 +89,22 @@ class StepTimes:
         return self.seconds[lo] + (self.seconds[hi] - self.seconds[lo]) * (threads - lo) / (hi - lo)
 
 
+class FullRate:
+    """Tokens a replica generated per second of the steps that were full (as many threads as
+    it computes at most, more waiting): what it delivers when saturated, over its last
+    STEP_WINDOW such steps."""
+
+    def __init__(self) -> None:
+        self.recent: deque[tuple[int, float]] = deque(maxlen=STEP_WINDOW)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.recent.append((tokens, seconds))
+
+    def rate(self) -> float:
+        seconds = sum(s for _, s in self.recent)
+        return sum(t for t, _ in self.recent) / seconds if seconds > 0 else 0.0
+
+
 @dataclass(slots=True)
 class Cost:
     """A request's expected cost at one fan-out cap (moving averages)."""
@@ -152,18 +168,25 @@ class Job:
 class ReplicaModel:
     step: StepTimes
     max_step_threads: float  # K (inf: no cap)
+    full_rate: float = 0.0  # tokens per second measured while every step was full (0: not yet)
 
     def capacity(self) -> float:
         """Tokens per second with every step full (inf before any step was measured)."""
         full = self.max_step_threads if math.isfinite(self.max_step_threads) else max(self.step.seconds, default=1)
         step = self.step.at(full)
-        return full / step if step > 0 else math.inf
+        rate = full / step if step > 0 else math.inf
+        return min(rate, self.full_rate) if self.full_rate else rate
 
     def rates(self, jobs: list[Job]) -> tuple[float, float]:
-        """(step seconds, tokens per second) while `jobs` run."""
+        """(step seconds, tokens per second) while `jobs` run: with every step full, at most the
+        rate measured so (it counts what the step times leave out: prefills, forks and joins
+        of many requests at once)."""
         n = max(1.0, min(self.max_step_threads, sum(j.threads for j in jobs)))
         step = max(self.step.at(n), 1e-6)
-        return step, n / step
+        rate = n / step
+        if n >= self.max_step_threads and self.full_rate:
+            rate = min(rate, self.full_rate)
+        return step, rate
 
 
 class Backlog:

@@ -12,9 +12,14 @@ most urgent threads first, at most `max_step_threads` a step; "even" admits ever
 (up to `max_requests`), runs every live thread each step and never narrows a fan-out:
 Braid before deadline-aware admission, kept as the peer `bench.goodput` measures against.
 
-A budget counts from the request's arrival here: a replica is given what is left of it,
-and the latency a result reports (and its SLA outcome is judged by) is measured here too,
-so time spent waiting to be admitted or on a failed replica counts.
+A budget counts from the request's arrival (at the HTTP ingress, `received`; else here): a
+replica is given what is left of it, and the latency a result reports (and its SLA outcome
+is judged by) is measured from then too, so time spent before admission or on a failed
+replica counts.
+
+Health: a replica that does not answer the load read (every LOAD_REFRESH_S, each bounded by
+CALL_TIMEOUT_S) or that a request saw fail is not live, and gets no new request until it
+answers again (none live: 503). `health()` reports it, for readiness and metrics.
 
 Failure: when a request's replica dies mid-request, the request runs again, from its
 prompt, on another replica (once per replica at most) while less than `retry_within_s`
@@ -28,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,7 +50,8 @@ COORDINATOR_NAME = "braid-coordinator"
 NAMESPACE = "braid"
 POLICIES = ("deadline", "even")
 LOAD_REFRESH_S = 0.2  # how often the coordinator reads the replicas' step times
-CALL_TIMEOUT_S = 2.0  # a replica that does not answer a load read within this is skipped
+CALL_TIMEOUT_S = 2.0  # a replica that does not answer a load read within this is not live
+DOWN_RETRY_S = 5  # Retry-After when no replica is live
 DEFAULT_PROTOCOL = ForkJoinOptions().protocol
 
 
@@ -71,6 +77,15 @@ class Refused(RuntimeError):
         return f"{self.status}: {self.reason}"
 
 
+def refusal(error: BaseException) -> Refused | None:
+    """The coordinator's Refused, out of Ray's wrapping."""
+    while error is not None:
+        if isinstance(error, Refused):
+            return error
+        error = getattr(error, "cause", None)
+    return None
+
+
 @dataclass(slots=True, frozen=True)
 class Admitted:
     """Where an admitted request runs, and as what (its fan-out capped by the coordinator)."""
@@ -84,32 +99,23 @@ class Admitted:
     arrived: float = 0.0  # time.monotonic() when the coordinator received the request
 
 
-def free_port() -> int:
-    """A TCP port free on this machine now (for a process group, an HTTP server, a test)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def free_address(host: str) -> str:
-    return f"tcp://{host}:{free_port()}"
-
-
 @ray.remote(num_cpus=0, max_restarts=-1)  # it only waits on replicas: no core; restarted whenever it dies
 class Coordinator:
     """Async actor: many requests in flight, each awaiting its replica."""
 
     def __init__(
         self, num_replicas: int, affinity_margin: int = 1, kv_transfer: bool = True, retry_within_s: float = 60.0,
-        max_requests: int = 256, task: str = "none", policy: str = "deadline",
+        max_requests: int = 256, task: str = "none", policy: str = "deadline", cluster: dict | None = None,
     ) -> None:  # fmt: skip
         """The replicas are found by name (`replica_name(i)`), so that a coordinator Ray restarts
         finds them again; `max_requests`: requests in flight across the cluster before new ones
-        are refused (429); `task`: how fan-outs are narrowed and warmed up (`actors.tasks`)."""
+        are refused (429); `task`: how fan-outs are narrowed and warmed up (`actors.tasks`);
+        `cluster`: the configuration the cluster was started with, for `cluster_config`."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         replicas = [ray.get_actor(replica_name(i), namespace=NAMESPACE) for i in range(num_replicas)]
         self.replicas = replicas
+        self.cluster = cluster or {}
         self.max_requests = max_requests
         self.placement = Placement(len(replicas), affinity_margin)
         self.task = TASKS[task]
@@ -118,14 +124,19 @@ class Coordinator:
         self.models = [ReplicaModel(StepTimes(), math.inf) for _ in replicas]
         self.kv_transfer = kv_transfer
         self.retry_within_s = retry_within_s
+        self.live = [True] * len(replicas)  # answered its last load read in time (connect() checked them)
         self.failures = 0  # replica failures seen by requests
+        self.retries = 0  # requests run again on another replica after one failed
+        self.restarts = 0  # replicas live again after they were not
         self._reconnecting: asyncio.Task | None = None
         self._refreshing: asyncio.Task | None = None
 
     async def connect(self) -> None:
         """Give every replica its peers and (with `kv_transfer`) a new process group for KV."""
         transfer = self.kv_transfer and len(self.replicas) > 1
-        init = free_address(ray.util.get_node_ip_address()) if transfer else None
+        # Rank 0 (replica 0) hosts the group's store, so the address is one of its node's, not
+        # this node's: on KubeRay the coordinator is on the head pod and replicas on GPU pods.
+        init = await asyncio.wait_for(self.replicas[0].rendezvous_address.remote(), 60) if transfer else None
         await asyncio.gather(*[r.connect.remote(self.replicas, init) for r in self.replicas])
         if self._refreshing is None:
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh_loads())
@@ -150,6 +161,10 @@ class Coordinator:
         budget it is not predicted to meet anywhere now (503)."""
         if sum(self.placement.in_flight) >= self.max_requests:
             raise Refused(429, f"busy: {self.max_requests} requests in flight; retry later")
+        tried = tried | {i for i, live in enumerate(self.live) if not live}
+        if len(tried) == len(self.replicas):
+            raise Refused(503, f"no replica is live now (of {len(self.replicas)}); retry in {DOWN_RETRY_S} s",
+                          DOWN_RETRY_S)  # fmt: skip
         budget = options.get("max_latency_s")
         if budget is not None:
             budget -= time.monotonic() - arrived
@@ -171,12 +186,16 @@ class Coordinator:
         key = self.admission.started(decision)
         return Admitted(decision.replica, text, narrowed, decision.width, decision.predicted_s, key, arrived)
 
-    async def stream(self, prompt: str, options: dict[str, Any] | None = None):
-        """The request's events as they happen (see `Replica.generate_stream`); no retry once
-        streaming has begun: a failed replica ends the stream with an error event. Cancelled
-        (its caller went away), Ray cancels the replica's stream too, which ends the request."""
-        admitted = await self.admit(prompt, options or {}, time.monotonic())
+    async def stream(self, prompt: str, options: dict[str, Any] | None = None, received: float | None = None):
+        """The request's events as they happen (see `Replica.generate_stream`), first an
+        "admitted" event: a caller reads it before it answers its own client, so a refusal
+        (Refused, raised before any event) is an HTTP status, not an error in a stream. No
+        retry once streaming has begun: a failed replica ends the stream with an error event.
+        Cancelled (its caller went away), Ray cancels the replica's stream too, which ends the
+        request."""
+        admitted = await self.admit(prompt, options or {}, arrival(received))
         self.placement.started(admitted.replica)
+        yield {"type": "admitted", "replica": admitted.replica, "fanout_cap": admitted.width}
         try:
             replica = self.replicas[admitted.replica]
             async for ref in replica.generate_stream.remote(admitted.prompt, admitted.options):
@@ -185,29 +204,34 @@ class Coordinator:
                     self._observe(admitted, event["result"])
                 yield event
         except RayActorError as error:
-            self.failures += 1
-            self._reconnect_later()
+            self._failed(admitted.replica)
             yield {"type": "error", "error": f"replica {admitted.replica} failed mid-request: {error}"}
         finally:
             self._done(admitted)
 
-    async def generate(self, prompt: str, options: dict[str, Any] | None = None) -> dict:
-        start = time.monotonic()
+    async def generate(self, prompt: str, options: dict[str, Any] | None = None, received: float | None = None) -> dict:
+        """The request's result; `received`: when it reached Braid (`time.time()` at the HTTP
+        ingress; None: now), which its latency budget counts from."""
+        start = arrival(received)
         tried: set[int] = set()
         while True:
             admitted = await self.admit(prompt, options or {}, start, frozenset(tried))
             self.placement.started(admitted.replica)
+            replica = self.replicas[admitted.replica]
+            key = uuid.uuid4().hex
             try:
-                replica = self.replicas[admitted.replica]
-                return await self._answered(admitted, replica.generate.remote(admitted.prompt, admitted.options))
+                return await self._answered(admitted, replica.generate.remote(admitted.prompt, admitted.options, key))
+            except asyncio.CancelledError:  # its caller went away (`ray.cancel`): end it on its replica too
+                replica.cancel.remote(key)
+                raise
             except RayActorError as error:
-                self.failures += 1
+                self._failed(admitted.replica)
                 tried.add(admitted.replica)
-                self._reconnect_later()
                 late = time.monotonic() - start >= self.retry_within_s
                 if len(tried) == len(self.replicas) or late:
                     why = f"{self.retry_within_s:g} s have passed" if late else "no replica is left to try"
                     raise ReplicaFailed(f"replica {admitted.replica} failed mid-request and {why}: {error}") from error
+                self.retries += 1
             finally:
                 self._done(admitted)
 
@@ -243,12 +267,32 @@ class Coordinator:
             await asyncio.sleep(LOAD_REFRESH_S)
 
     async def _read_loads(self) -> None:
-        """Each replica's step time, as its admission model; one that does not answer keeps its last."""
+        """Each replica's step time, as its admission model, and whether it is live: one that does
+        not answer within CALL_TIMEOUT_S (dead, restarting, stuck) gets no new requests until
+        it does again."""
         calls = [asyncio.wait_for(r.load_dict.remote(), CALL_TIMEOUT_S) for r in self.replicas]
         for i, load in enumerate(await asyncio.gather(*calls, return_exceptions=True)):
-            if isinstance(load, dict):
-                step = StepTimes({int(n): ms / 1000 for n, ms in load["step_ms_by_threads"].items()})
-                self.models[i] = ReplicaModel(step, load["max_step_threads"] or math.inf)
+            if not isinstance(load, dict):
+                if isinstance(load, RayActorError) and self.live[i]:  # died (not slow): its group goes
+                    self._reconnect_later()
+                self.live[i] = False
+                continue
+            if not self.live[i]:
+                self.live[i] = True
+                self.restarts += 1
+            step = StepTimes({int(n): ms / 1000 for n, ms in load["step_ms_by_threads"].items()})
+            self.models[i] = ReplicaModel(step, load["max_step_threads"] or math.inf, load["full_rate"])
+
+    def _failed(self, replica: int) -> None:
+        """A request saw `replica` fail: no new requests there until it answers a load read again."""
+        self.failures += 1
+        self.live[replica] = False
+        self._reconnect_later()
+
+    def health(self) -> dict:
+        """For readiness and metrics: replicas configured and live, and what failed so far."""
+        return {"configured": len(self.replicas), "live": sum(self.live), "failures": self.failures,
+                "retries": self.retries, "restarts": self.restarts}  # fmt: skip
 
     def costs(self) -> dict[str, dict]:
         """What admission has learned: each (protocol, fan-out cap)'s expected cost."""
@@ -256,6 +300,10 @@ class Coordinator:
 
     async def placement_counts(self) -> list[dict]:
         return [await r.placement_counts.remote() for r in self.replicas]
+
+    def cluster_config(self) -> dict:
+        """The configuration this cluster was started with (`cluster.config.ClusterConfig` fields)."""
+        return self.cluster
 
     def num_replicas(self) -> int:
         return len(self.replicas)
@@ -277,6 +325,13 @@ class Coordinator:
             except RayActorError:
                 await asyncio.sleep(0.5)
         await self.connect()
+
+
+def arrival(received: float | None) -> float:
+    """`received` (wall-clock seconds, taken by another process: the ingress) on this process's
+    monotonic clock; None: now."""
+    now = time.monotonic()
+    return now if received is None else now - max(0.0, time.time() - received)
 
 
 def get_coordinator() -> Any:

@@ -17,9 +17,11 @@ at each replica.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # vLLM's buckets for token latencies (seconds).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -65,12 +67,46 @@ TRANSFER_SECONDS = Counter("braid_kv_transfer_seconds", "Time spent sending pref
 PLACED = Counter("braid_children_placed", "Forked children by where they ran", ["model", "replica", "where"])
 
 
-def serve_metrics(port: int, tries: int = 1) -> int:
-    """Serve this process's metrics on http://0.0.0.0:p/metrics, p the first port from `port`
-    (of `tries`) that is free; returns p."""
+class ClusterHealth:
+    """A collector for the process that talks to the coordinator (the HTTP ingress): the
+    coordinator's view of the cluster, read at each scrape (`read`: its `health()`, or None
+    when it does not answer, and then nothing is reported)."""
+
+    def __init__(self, read: Callable[[], dict | None], model: str) -> None:
+        self.read = read
+        self.model = model
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        health = self.read()
+        if health is None:
+            return
+        for name, kind, help_text, value in (
+            ("braid_replicas_configured", GaugeMetricFamily, "Replicas the cluster was started with", "configured"),
+            ("braid_replicas_live", GaugeMetricFamily, "Replicas that answered the coordinator's last load read "
+             "in time (the others get no new requests)", "live"),
+            ("braid_replica_failures", CounterMetricFamily, "Replica failures seen by requests", "failures"),
+            ("braid_request_retries", CounterMetricFamily, "Requests run again on another replica after one "
+             "failed", "retries"),
+            ("braid_replica_restarts", CounterMetricFamily, "Replicas live again after they were not", "restarts"),
+        ):  # fmt: skip
+            family = kind(name, help_text, labels=["model"])
+            family.add_metric([self.model], health[value])
+            yield family
+
+
+def report_cluster_health(read: Callable[[], dict | None], model: str) -> None:
+    """This process's metrics include the cluster's health, read at each scrape (`ClusterHealth`)."""
+    REGISTRY.register(ClusterHealth(read, model))
+
+
+def serve_metrics(port: int, tries: int = 1, host: str = "127.0.0.1") -> int:
+    """Serve this process's metrics on http://host:p/metrics, p the first port from `port`
+    (of `tries`) that is free; returns p. The default host is loopback: metrics name the
+    model and the load, so they are open to the network only when asked (on Kubernetes,
+    0.0.0.0, for Prometheus to scrape the pods)."""
     for p in range(port, port + tries):
         try:
-            start_http_server(p)
+            start_http_server(p, addr=host)
             return p
         except OSError:
             if p == port + tries - 1:

@@ -35,11 +35,11 @@ import ray
 import torch
 
 from actors import metrics
-from actors.admission import StepTimes
+from actors.admission import FullRate, StepTimes
 from actors.placement import ChildChoice, ChildPlacement
 from actors.tasks import TASKS
 from cache_service import OutOfBlocks
-from cache_service.transfer import KVTransfer
+from cache_service.transfer import KVTransfer, free_address
 from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
 from engine.sampling import SamplingParams
@@ -63,6 +63,7 @@ class ReplicaLoad:
     step_ms: float  # recent engine step time (moving average)
     step_ms_by_threads: dict[int, float]  # a step's time by the threads it computes (see StepTimes)
     max_step_threads: int  # threads one step computes, at most (0: no cap)
+    full_rate: float  # tokens per second over recent full steps (0: none yet; see FullRate)
 
     @property
     def threads(self) -> int:
@@ -123,18 +124,18 @@ class RayRemoteChild:
         return ray.get(ready[0]) if ready else None  # raises when the peer died
 
     def cancel(self) -> None:
-        self.peer.cancel_child.remote(self.key)
+        self.peer.cancel.remote(self.key)
 
 
 class ReplicaWorker:
     def __init__(
         self, replica_id: int, model_path: str, device: str = "cpu", kv_cache_bytes: int = 256 * 2**20,
         task: str = "none", capacity: int = 16, torch_threads: int = 0, metrics_port: int | None = None,
-        max_step_threads: int | None = None,
+        max_step_threads: int | None = None, metrics_host: str = "127.0.0.1",
     ) -> None:  # fmt: skip
         """`capacity`: live threads this replica takes before its forks spill to peers;
         `metrics_port`: the first port to try for this process's Prometheus metrics (it takes the
-        first free one of REPLICA_METRICS_PORTS; None: not served); `max_step_threads`: threads
+        first free one of REPLICA_METRICS_PORTS; None: not served) on `metrics_host`; `max_step_threads`: threads
         one engine step computes, at most, the most urgent first (None: every live thread)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -143,7 +144,7 @@ class ReplicaWorker:
         self.replica_id = replica_id
         self.labels = {"model": Path(model_path).name, "replica": str(replica_id)}
         if metrics_port is not None:
-            metrics.serve_metrics(metrics_port, REPLICA_METRICS_PORTS)
+            metrics.serve_metrics(metrics_port, REPLICA_METRICS_PORTS, metrics_host)
         for counter in (metrics.TOKENS, metrics.PREFIX_HITS, metrics.TRANSFER_BYTES, metrics.TRANSFER_SECONDS):
             counter.labels(**self.labels)  # each series exists (at 0) from the start
         for where in ("local", "cached", "transfer", "recompute"):
@@ -152,6 +153,7 @@ class ReplicaWorker:
         self.task = TASKS[task]
         self.forkjoin = ForkJoinEngine(self.engine, self.task.verifier, self.task.succeeded, self._offload)
         self.step_times = StepTimes()
+        self.full_rate = FullRate()
         self.placement = ChildPlacement(replica_id, capacity)
         self.placement.cost.observe_prefill(*self._measure_prefill())
         self.peers: list[Any] = []
@@ -163,7 +165,8 @@ class ReplicaWorker:
         self._prefix_hits = 0
         self._gauges_at = 0.0
         self._children: dict[str, int] = {}  # key -> request id of a child run here for a peer
-        self._cancelled: set[str] = set()  # keys cancelled before their child arrived
+        self._requests: dict[str, int] = {}  # key -> request id of a request a caller may cancel
+        self._cancelled: set[str] = set()  # keys cancelled before their request or child arrived
         self._send_lock = threading.Lock()  # one outgoing transfer at a time
         self._lock = threading.Lock()  # the engine is stepped by one thread at a time
         self._wake = threading.Event()
@@ -176,11 +179,12 @@ class ReplicaWorker:
 
     # ---- requests ------------------------------------------------------------------
 
-    def generate(self, prompt: str, options: dict[str, Any] | None = None) -> dict:
-        """Run one fork-join request to its end; the result as a plain dict."""
+    def generate(self, prompt: str, options: dict[str, Any] | None = None, key: str | None = None) -> dict:
+        """Run one fork-join request to its end; the result as a plain dict. `key`: a name to
+        cancel it by (`cancel`), when its caller goes away: its threads stop, their KV is freed."""
         opts = options_from_dict(options or {})
         start = time.perf_counter()
-        result = self._run(lambda: self.forkjoin.submit(prompt, opts, arrived=start))
+        result = self._run_keyed(self._requests, key, lambda: self.forkjoin.submit(prompt, opts, arrived=start))
         return self._answered(prompt, result, start)
 
     def generate_stream(self, prompt: str, options: dict[str, Any] | None = None) -> Iterator[dict]:
@@ -246,26 +250,37 @@ class ReplicaWorker:
         arrived = time.perf_counter()  # its budget counts from here; the parent's join deadline
         # bounds the prefix's way here too (a late child is cut there)
         opts = options_from_dict(options)
+        return self._run_keyed(
+            self._children, key, lambda: self.forkjoin.submit(context, opts, depth, request_prompt, arrived)
+        )
 
-        def submit() -> int:
-            self._children[key] = self.forkjoin.submit(context, opts, depth, request_prompt, arrived)
-            if key in self._cancelled:  # cancelled before it arrived: it ends at the next step
-                self.forkjoin.cancel(self._children[key])
-            return self._children[key]
-
-        try:
-            return self._run(submit)
-        finally:
-            self._children.pop(key, None)
-            self._cancelled.discard(key)
-
-    def cancel_child(self, key: str) -> None:
+    def cancel(self, key: str) -> None:
+        """End the request or child run under `key` (`generate`, `run_child`); one not here yet
+        ends as soon as it arrives."""
         with self._lock:
-            if key in self._children:
-                self.forkjoin.cancel(self._children[key])
+            request_id = self._children.get(key, self._requests.get(key))
+            if request_id is not None:
+                self.forkjoin.cancel(request_id)
             else:
                 self._cancelled.add(key)
         self._wake.set()
+
+    def _run_keyed(self, table: dict[str, int], key: str | None, submit: Callable[[], int]) -> dict:
+        """`_run`, with the request known by `key` in `table` while it runs, for `cancel`."""
+        if key is None:
+            return self._run(submit)
+
+        def keyed() -> int:
+            request_id = table[key] = submit()
+            if key in self._cancelled:  # cancelled before it arrived: it ends at the next step
+                self.forkjoin.cancel(request_id)
+            return request_id
+
+        try:
+            return self._run(keyed)
+        finally:
+            table.pop(key, None)
+            self._cancelled.discard(key)
 
     def _run(self, submit: Callable[[], int]) -> dict:
         """Submit a request (under the lock, so its end cannot be missed) and wait for its result."""
@@ -289,7 +304,13 @@ class ReplicaWorker:
             self.replica_id, len(self._done), len(sched.running), len(sched.waiting),
             cache.num_available_blocks, cache.config.num_blocks, 1000 * self.forkjoin.step_s,
             {n: 1000 * t for n, t in self.step_times.seconds.items()}, 0 if math.isinf(cap) else int(cap),
+            self.full_rate.rate(),
         )  # fmt: skip
+
+    def rendezvous_address(self) -> str:
+        """Where the KV process group meets when this replica is rank 0 (it hosts the group's
+        store): an address of its own node, a port free there; every rank must reach it."""
+        return free_address(ray.util.get_node_ip_address())
 
     def connect(self, peers: list[Any], init_method: str | None = None) -> None:
         """Know the other replicas (index = replica id = rank); join the KV process group.
@@ -450,6 +471,8 @@ class ReplicaWorker:
                     took = time.perf_counter() - start
                     if computing:
                         self.step_times.observe(self.engine.last_step_threads, took)
+                        if self.engine.last_step_threads >= self.engine.scheduler.max_step_threads:
+                            self.full_rate.observe(self.engine.last_step_tokens, took)
                     self._record(took)
             if not computing:  # idle, or waiting only for children on peers
                 self._wake.wait(timeout=0.05 if not busy else 0.002)

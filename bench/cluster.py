@@ -32,9 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from actors.coordinator import free_port
 from actors.placement import PrefixCost
-from cache_service.transfer import KVTransfer
+from cache_service.transfer import KVTransfer, free_port
 from cluster.config import DEFAULT_MODEL, ClusterConfig, start
 from countdown import problems
 from countdown.traces import SERVE_OPTIONS
@@ -152,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
 
     prompts = [countdown_prompt(p) for p in problems.splits(0, 0, args.requests)["test"]]
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         one = throughput(1, prompts, args.in_flight)
         two = throughput(2, prompts, args.in_flight)

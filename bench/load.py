@@ -34,7 +34,8 @@ import ray
 import requests
 from ray import serve
 
-from actors.coordinator import free_port, get_coordinator
+from actors.coordinator import get_coordinator
+from cache_service.transfer import free_port
 from cluster.auth import MAX_IN_FLIGHT_PER_KEY, Access
 from cluster.config import ClusterConfig
 from cluster.serve import PATIENT_SERVE, BraidAPI
@@ -60,7 +61,7 @@ class LocalService:
         keys_file = Path(tempfile.mkdtemp()) / "api_keys"
         keys_file.write_text(self.key + "\n")
         os.environ.update(PATIENT_SERVE)
-        ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ClusterConfig(**self.config)
         access = Access(keys_file=str(keys_file), max_in_flight_per_key=self.per_key)

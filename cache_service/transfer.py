@@ -11,6 +11,7 @@ fork from the same prefix finds them there and needs no second transfer.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -74,3 +75,14 @@ class KVTransfer:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group, an HTTP server, a test)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def free_address(host: str) -> str:
+    return f"tcp://{host}:{free_port()}"

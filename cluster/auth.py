@@ -6,7 +6,8 @@ Keys come from a file (one per line; `#` comments), or the environment: the file
 compared in constant time. A 401 never echoes the key, and nothing here logs one.
 
 Keys are required unless the server listens on loopback and its operator turned them off
-(`braid serve --no-auth`); `Access.check_host` enforces that.
+(`braid serve --no-auth`); `Access.check_host` enforces that. Given none, `braid serve`
+generates one (`generated_key`) into a file only its user may read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import os
+import secrets
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,3 +102,25 @@ class ApiKeys:
     def release(self, key_id: str | None) -> None:
         if key_id is not None:
             self.in_flight[key_id] -= 1
+
+
+GENERATED_KEY_FILE = Path.home() / ".config" / "braid" / "api_key"
+
+
+def generated_key(path: Path = GENERATED_KEY_FILE) -> Path:
+    """A random API key in `path`, kept across restarts. Made in a folder only this user may
+    enter, readable by this user only; an existing key is used only if it is still so (a
+    key someone else could have written or read is no secret): else a clear error."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        for where in (path.parent, path):
+            info = where.lstat()
+            if info.st_uid != os.getuid() or info.st_mode & 0o077 or where.is_symlink():
+                raise ValueError(f"{where} must be yours and closed to others (chmod go-rwx) to hold an API key; "
+                                 "remove it, or give --api-keys-file") from None  # fmt: skip
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    return path

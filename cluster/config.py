@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ class ClusterConfig:
     num_replicas: int = 1
     replica_cpus: float = 1.0  # per replica when there is no GPU
     replica_gpus: float = 0.0  # 1 on GPU clusters: one replica per GPU
+    replica_resources: dict[str, float] | None = None  # Ray custom resources a replica needs: the nodes it may run on
+    coordinator_resources: dict[str, float] | None = None  # the same for the coordinator (e.g. to keep it on the head)
     kv_cache_bytes: int = 256 * 2**20
     task: str = "countdown"  # join verifier and success test ("none": the protocol's own)
     capacity: int = 16  # live threads a replica takes before its forks spill to other replicas
@@ -39,6 +42,7 @@ class ClusterConfig:
     # 15 ms for the embedded model; a GPU takes hundreds in about the time of one
     max_step_threads: int = 32
     metrics_port: int | None = None  # the ingress's Prometheus port; replicas take the next free ones
+    metrics_host: str = "127.0.0.1"  # the address metrics listen on (the Helm chart: 0.0.0.0, for Prometheus)
     detached: bool = False  # actors outlive the driver that started them (Serve deployments)
 
     def __post_init__(self) -> None:
@@ -67,26 +71,89 @@ def start(config: ClusterConfig) -> Any:
             namespace=NAMESPACE,
             num_cpus=config.replica_cpus,
             num_gpus=config.replica_gpus,
+            resources=config.replica_resources or {},
             lifetime=lifetime,
         ).remote(
-            i, config.model_path, device, config.kv_cache_bytes, config.task, config.capacity, threads, port, step_cap
+            i,
+            config.model_path,
+            device,
+            config.kv_cache_bytes,
+            config.task,
+            config.capacity,
+            threads,
+            port,
+            step_cap,
+            config.metrics_host,
         )
         for i in range(config.num_replicas)
     ]
     ray.get([r.load_dict.remote() for r in replicas])  # wait until every engine has loaded
     _STARTED_REPLICAS[:] = replicas
     coordinator = Coordinator.options(
-        name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime
+        name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime,
+        resources=config.coordinator_resources or {},
     ).remote(len(replicas), kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,
-             max_requests=config.max_requests, task=config.task, policy=config.policy)  # fmt: skip
+             max_requests=config.max_requests, task=config.task, policy=config.policy,
+             cluster=asdict(config))  # fmt: skip
     ray.get(coordinator.connect.remote())
     ray.get(coordinator.warm_up.remote())
     return coordinator
 
 
-def connect_or_start(config: ClusterConfig) -> Any:
-    """The coordinator already running on this Ray cluster, or a new one started from `config`."""
+def connect_or_start(config: ClusterConfig, must_match: tuple[str, ...] = (), replace: bool = False) -> Any:
+    """The coordinator of the Braid cluster already running on this Ray cluster, or of a new one
+    started from `config`. A running one whose configuration differs from `config` in a field
+    of `must_match` is an error that names the fields; with `replace`, one that differs in any
+    field is stopped and a new one started (a redeploy with a new configuration)."""
     try:
-        return get_coordinator()
+        coordinator = get_coordinator()
     except ValueError:
         return start(config)
+    running = ray.get(coordinator.cluster_config.remote(), timeout=60)
+    wanted = asdict(config)
+    checked = [f.name for f in fields(ClusterConfig) if f.name != "detached"] if replace else must_match
+    differ = [name for name in checked if running.get(name) != wanted[name]]
+    if not differ:
+        return coordinator
+    if replace:
+        stop(running["num_replicas"])
+        return start(config)
+    said = ", ".join(f"{name}={running.get(name)!r} (asked: {wanted[name]!r})" for name in differ)
+    raise ValueError(f"Braid already runs on this Ray cluster with {said}; ask for the same, or stop it first")
+
+
+def stop(num_replicas: int, timeout_s: float = 60.0) -> None:
+    """Stop the running Braid cluster's coordinator and replicas (their KV and GPUs freed);
+    returns once their names are free for a new cluster."""
+    names = [COORDINATOR_NAME, *(replica_name(i) for i in range(num_replicas))]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            continue  # not there (already gone)
+    _STARTED_REPLICAS.clear()
+    end = time.monotonic() + timeout_s
+    for name in names:
+        while _named(name):
+            if time.monotonic() > end:
+                raise TimeoutError(f"{name} was killed but still holds its name after {timeout_s:g} s")
+            time.sleep(0.2)
+
+
+def _named(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def init_ray(address: str | None, **local: Any) -> str:
+    """Join the Ray cluster at `address` ("auto": the one `ray start` runs on this machine),
+    or with None start a local one of this process's own (`ray.init` options `local`), even
+    when another runs beside it; a line saying which."""
+    if address is None:
+        ray.init(address="local", **local)
+        return "a local Ray cluster of its own (--address joins a running one)"
+    ray.init(address=address)
+    return f"the running Ray cluster at {ray.get_runtime_context().gcs_address}"

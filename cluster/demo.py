@@ -24,7 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.tree import Tree
 
-from cluster.config import ClusterConfig, start
+from cluster.config import ClusterConfig, init_ray, start
 from cluster.timeline import render_html, render_png
 from countdown import problems
 from countdown.problems import Problem
@@ -116,13 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--capacity", type=int, default=4, help="live threads per replica before forks spill over")
     parser.add_argument("--out", type=Path, default=Path("/tmp/braid/demo"), help="where the timelines go")
+    parser.add_argument("--address", default=None, help="a running Ray cluster to use (auto: the one on this "
+                        "machine); default: start a local one")  # fmt: skip
     args = parser.parse_args(argv)
     console = Console()
     args.out.mkdir(parents=True, exist_ok=True)
     unseen = [p for p in problems.splits(0, 0, args.problems + len(KNOWN))["test"] if p not in KNOWN]
     chosen = (KNOWN + unseen)[: args.problems]
-    console.print(f"Starting a local Ray cluster: {args.replicas} replicas of the embedded Countdown model ...")
-    ray.init(num_cpus=max(2, args.replicas), include_dashboard=False, log_to_driver=False)
+    where = init_ray(args.address, num_cpus=max(2, args.replicas), include_dashboard=False, log_to_driver=False)
+    console.print(f"On {where}: {args.replicas} replicas of the embedded Countdown model ...")
     try:
         coordinator = start(ClusterConfig(num_replicas=args.replicas, capacity=args.capacity))
         console.print(f"{len(chosen)} problems: the first {min(len(KNOWN), len(chosen))} known to be solved, "

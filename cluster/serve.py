@@ -32,9 +32,9 @@ own), `braid.accepted` whether the task's check passed its answer (null: no chec
 """
 
 import argparse
+import asyncio
 import math
 import os
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -49,10 +49,20 @@ from ray import serve
 from tokenizers import Tokenizer
 
 from actors import metrics
-from actors.coordinator import Refused
+from actors.coordinator import refusal
 from actors.tasks import TASKS
-from cluster.auth import KEYS_ENV, KEYS_FILE_ENV, MAX_IN_FLIGHT_PER_KEY, Access, ApiKeys, Denied, read_keys
-from cluster.config import ClusterConfig, connect_or_start
+from cluster.auth import (
+    GENERATED_KEY_FILE,
+    KEYS_ENV,
+    KEYS_FILE_ENV,
+    MAX_IN_FLIGHT_PER_KEY,
+    Access,
+    ApiKeys,
+    Denied,
+    generated_key,
+    read_keys,
+)
+from cluster.config import ClusterConfig, connect_or_start, init_ray
 from cluster.wire import BraidFields, ChatRequest, CompletionRequest, Shape, good_answer, sla_outcome, sse
 
 # Serve kills a proxy that is not ready within 5 s; a loaded laptop or a 2-core CI machine
@@ -61,6 +71,7 @@ PATIENT_SERVE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY
 MAX_PROMPT_TOKENS = 4096
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413) before it is parsed
 MAX_INGRESS_REQUESTS = 4096  # requests one ingress replica takes in at once (admission is the coordinator's)
+HEALTH_TIMEOUT_S = 5.0  # the coordinator's health for /readyz and the metrics, at most this long
 
 
 class ApiError(Exception):
@@ -122,15 +133,6 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.kind, exc.param, exc.retry_after_s)
 
 
-def refusal(error: BaseException) -> Refused | None:
-    """The coordinator's Refused, out of Ray's wrapping."""
-    while error is not None:
-        if isinstance(error, Refused):
-            return error
-        error = getattr(error, "cause", None)
-    return None
-
-
 # Serve's own default (a handful of requests per ingress replica, the rest queued in front of
 # it) would queue requests before Braid's admission control sees them: let them all through,
 # the coordinator answers 429/503 at once past its limits.
@@ -144,8 +146,11 @@ class BraidAPI:
         self.defaults = defaults
         self.tokenizer = Tokenizer.from_file(str(Path(config.model_path) / "tokenizer.json"))
         if config.metrics_port is not None:
-            metrics.serve_metrics(config.metrics_port)
-        self.coordinator = connect_or_start(config)
+            metrics.serve_metrics(config.metrics_port, host=config.metrics_host)
+            metrics.report_cluster_health(self._health, self.model)
+        # A cluster running with another configuration (a redeploy: `serve deploy` with a new
+        # config, a Helm change) is replaced, so the replicas serve what the ingress says.
+        self.coordinator = connect_or_start(config, replace=True)
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -153,11 +158,21 @@ class BraidAPI:
 
     @api.get("/readyz")
     async def readyz(self) -> JSONResponse:
+        """Ready while the coordinator answers and at least one replica is live."""
         try:
-            replicas = await self.coordinator.num_replicas.remote()
-        except ray.exceptions.RayError as error:
-            return error_response(503, f"coordinator not ready: {error}", "unavailable")
-        return JSONResponse({"status": "ready", "replicas": replicas})
+            health = await asyncio.wait_for(self.coordinator.health.remote(), HEALTH_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as error:
+            return error_response(503, f"coordinator not ready: {error or 'no answer'}", "unavailable")
+        if not health["live"]:
+            return error_response(503, f"no replica is live (of {health['configured']})", "unavailable")
+        return JSONResponse({"status": "ready", "replicas": health["configured"], "live_replicas": health["live"]})
+
+    def _health(self) -> dict | None:
+        """The coordinator's health, for the metrics (read in the metrics server's thread)."""
+        try:
+            return ray.get(self.coordinator.health.remote(), timeout=HEALTH_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError):
+            return None
 
     @api.get("/v1/models")
     async def models(self, authorization: str | None = Header(None)) -> dict:  # async: keys counted on one loop
@@ -166,11 +181,13 @@ class BraidAPI:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)) -> Any:
-        return await self._answer(body, body.prompt, chat=False, key=self._admit(authorization))
+        received = time.time()  # the request's latency budget counts from here
+        return await self._answer(body, body.prompt, chat=False, key=self._admit(authorization), received=received)
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, authorization: str | None = Header(None)) -> Any:
-        return await self._answer(body, body.prompt(), chat=True, key=self._admit(authorization))
+        received = time.time()
+        return await self._answer(body, body.prompt(), chat=True, key=self._admit(authorization), received=received)
 
     def _admit(self, authorization: str | None) -> str | None:
         try:
@@ -181,17 +198,17 @@ class BraidAPI:
             retry = None if denied.status == 401 else 1.0
             raise ApiError(denied.status, denied.message, kind, retry_after_s=retry) from None
 
-    async def _answer(self, body: BraidFields, prompt: str, chat: bool, key: str | None) -> Any:
+    async def _answer(self, body: BraidFields, prompt: str, chat: bool, key: str | None, received: float) -> Any:
         """The answer; `key` (admitted) is released when it is complete, for a stream at its end."""
         response = None
         try:
-            response = await self._respond(body, prompt, chat, key)
+            response = await self._respond(body, prompt, chat, key, received)
             return response
         finally:
             if not isinstance(response, StreamingResponse):
                 self.keys.release(key)
 
-    async def _respond(self, body: BraidFields, prompt: str, chat: bool, key: str | None) -> Any:
+    async def _respond(self, body: BraidFields, prompt: str, chat: bool, key: str | None, received: float) -> Any:
         if body.model is not None and body.model != self.model:
             raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.model!r}",
                            param="model")  # fmt: skip
@@ -204,21 +221,32 @@ class BraidAPI:
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         shape = Shape(request_id, self.model, chat, options, body.timeline)
         if body.stream:
-            return StreamingResponse(self._stream(prompt, options, shape, key), media_type="text/event-stream")
+            events = self.coordinator.stream.remote(prompt, options, received)
+            try:
+                await (await events.__anext__())  # admitted: a refusal raises here, before the 200 is sent
+            except ray.exceptions.RayError as error:
+                raise self._failed(error, options) from error
+            return StreamingResponse(self._stream(events, options, shape, key), media_type="text/event-stream")
+        call = self.coordinator.generate.remote(prompt, options, received)
         try:
-            result = await self.coordinator.generate.remote(prompt, options)
+            result = await call
+        except asyncio.CancelledError:  # the client went away (Serve cancels its request): so does the work
+            ray.cancel(call)
+            metrics.ERRORS.labels(self.model, "client_gone").inc()
+            raise
         except ray.exceptions.RayError as error:
             raise self._failed(error, options) from error
         self._observe(result, options)
         return shape.response(result)
 
-    async def _stream(self, prompt: str, options: dict, shape: Shape, key: str | None) -> AsyncIterator[str]:
-        """The stream. When the client goes away mid-stream, Serve cancels this request, and Ray
-        the tasks it started (recursively) down to the replica's stream, which cancels the
-        request there: its threads stop and their KV is freed."""
+    async def _stream(self, events: Any, options: dict, shape: Shape, key: str | None) -> AsyncIterator[str]:
+        """The stream of an admitted request (`events`: the coordinator's, past its "admitted").
+        When the client goes away mid-stream, Serve cancels this request, and Ray the tasks it
+        started (recursively) down to the replica's stream, which cancels the request there:
+        its threads stop and their KV is freed."""
         ended = False
         try:
-            async for ref in self.coordinator.stream.remote(prompt, options):
+            async for ref in events:
                 event = await ref
                 if event["type"] == "text":
                     yield sse(shape.chunk(event["text"]))
@@ -305,7 +333,9 @@ def build(args: dict[str, Any]) -> serve.Application:
     return BraidAPI.bind(config, {**task_defaults(config.task), **defaults}, access)
 
 
-def _parse(kind: Any, value: str) -> Any:
+def _parse(kind: Any, value: Any) -> Any:
+    if isinstance(value, dict):  # a mapping from a config file (replica_resources): as it is
+        return value
     text = str(kind)
     if "bool" in text:
         return str(value).lower() in ("1", "true", "yes")
@@ -316,19 +346,6 @@ def _parse(kind: Any, value: str) -> Any:
     return value
 
 
-GENERATED_KEY_FILE = Path("/tmp/braid/api_key")
-
-
-def generated_key() -> Path:
-    """A random API key in GENERATED_KEY_FILE (readable by its owner only), kept across restarts."""
-    if not GENERATED_KEY_FILE.exists():
-        GENERATED_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(GENERATED_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
-    return GENERATED_KEY_FILE
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="braid serve", description="Serve Braid over HTTP (OpenAI API).")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded Countdown model)")
@@ -336,32 +353,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=9400, help="ingress; replicas on the next free ports")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="the address metrics listen on (0.0.0.0: all)")
     parser.add_argument("--targets", type=Path, default=Path("/tmp/braid/prometheus-targets.json"))
     parser.add_argument("--api-keys-file", type=Path, default=None,
                         help=f"API keys, one per line (default: ${KEYS_FILE_ENV}, ${KEYS_ENV}, else one generated "
                              f"into {GENERATED_KEY_FILE})")  # fmt: skip
     parser.add_argument("--no-auth", action="store_true", help="no API keys (only with a loopback --host)")
     parser.add_argument("--max-in-flight-per-key", type=int, default=MAX_IN_FLIGHT_PER_KEY)
+    parser.add_argument("--address", default=None, help="a running Ray cluster to use (auto: the one `ray start` "
+                        "runs on this machine); default: start a local one")  # fmt: skip
     args = parser.parse_args(argv)
-    keys_file = None if args.no_auth else args.api_keys_file or (None if read_keys(None) else generated_key())
-    access = Access(not args.no_auth, keys_file and str(keys_file), args.max_in_flight_per_key)
     try:
+        keys_file = None if args.no_auth else args.api_keys_file or (None if read_keys(None) else generated_key())
+        access = Access(not args.no_auth, keys_file and str(keys_file), args.max_in_flight_per_key)
         access.check_host(args.host)
         ApiKeys(access)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     for name, value in PATIENT_SERVE.items():
         os.environ.setdefault(name, value)
-    ray.init(ignore_reinit_error=True)  # the cluster `ray start` runs here, or a new local one
+    where = init_ray(args.address)
     config = ClusterConfig(
-        num_replicas=args.replicas, metrics_port=args.metrics_port, **({"model_path": args.model} if args.model else {})
+        num_replicas=args.replicas,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        **({"model_path": args.model} if args.model else {}),
     )
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(BraidAPI.bind(config, task_defaults(config.task), access), name="braid")
     ports = [args.metrics_port + i for i in range(args.replicas + 1)]
     metrics.targets_file(args.targets, "127.0.0.1", ports, Path(config.model_path).name)
     url = f"http://{args.host}:{args.port}"
-    print(f"Braid is serving {Path(config.model_path).name} at {url}/v1 ({args.replicas} replica(s)).")
+    print(f"Braid is serving {Path(config.model_path).name} at {url}/v1 ({args.replicas} replica(s), on {where}).")
     auth = "" if args.no_auth else f"-H \"Authorization: Bearer $(cat {keys_file})\" " if keys_file else \
         "-H \"Authorization: Bearer $BRAID_API_KEY\" "  # fmt: skip
     print(f"  try: curl {url}/v1/completions {auth}-H 'Content-Type: application/json' "

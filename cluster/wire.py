@@ -9,13 +9,17 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cluster.timeline import render_svg
 from engine.protocols import PROTOCOLS
 from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
 
 MAX_TOKENS = 8192
+# `stop` strings are looked for at every token a thread writes, under the engine's lock:
+# as many as OpenAI allows, and short.
+MAX_STOPS = 4
+MAX_STOP_CHARS = 256
 
 
 class BraidFields(BaseModel):
@@ -39,6 +43,16 @@ class BraidFields(BaseModel):
     protocol: str | None = None
     join_policy: str | None = None
     timeline: bool = False  # the answer's `braid.timeline_svg`: its thread timeline as an SVG picture
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        texts = [stop] if isinstance(stop, str) else stop or []
+        if len(texts) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(texts)}")
+        if any(not 0 < len(text) <= MAX_STOP_CHARS for text in texts):
+            raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+        return stop
 
     def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
         """Braid options for the coordinator (a ValueError names a bad value)."""

@@ -57,6 +57,11 @@ DASHBOARDS: dict[str, list[tuple[str, str, list[str]]]] = {
     ],
     "Braid replicas": [
         ("Replica up", "short", ['up{job="braid"}']),
+        ("Replicas live / configured (the coordinator's view)", "short",
+         ["sum(braid_replicas_live)", "sum(braid_replicas_configured)"]),
+        ("Replica failures, request retries and replica restarts per second", "short",
+         [f"sum(rate(braid_replica_failures_total{RATE}))", f"sum(rate(braid_request_retries_total{RATE}))",
+          f"sum(rate(braid_replica_restarts_total{RATE}))"]),
         ("Requests in flight by replica", "short", ["sum by (replica) (braid_requests_in_flight)"]),
         ("Queue depth by replica", "short", ["sum by (replica) (braid_queue_depth)"]),
         ("Inter-token latency p50 by replica", "s",

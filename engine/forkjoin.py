@@ -16,7 +16,8 @@ other threads free blocks; only when nothing at all can run does a request end w
 `finish_reason="out_of_blocks"`.
 
 Children may run elsewhere: an `offload` hook (the Ray replica gives one) is asked for
-every child of a context-continuing fork and may start it on another replica, where it
+every child of a context-continuing fork whose KV is not merged at the join (ThreadWeaver;
+a Multiverse child's KV must be where its parent's is) and may start it on another replica, where it
 runs as a request of its own rooted at that child (`submit(..., depth=d)`: it ends when
 it closes its block). Its result joins here like a local child's; a remote child whose
 replica fails is started again here, from its context.
@@ -299,7 +300,11 @@ class ForkJoinEngine:
         options = replace(req.options, sampling=sampling, max_latency_s=left_s)
         header = self.engine.encode(text)
         remote = None
-        if self.offload is not None and req.protocol.continues_context and index not in fork.local_only:
+        # A child may run elsewhere when it continues its parent's context (ThreadWeaver): it is
+        # sent the context. Not when its KV is merged into the parent's at the join (Multiverse):
+        # that KV must be here. (APR children start fresh: no prefix to move, they stay too.)
+        movable = req.protocol.continues_context and not req.protocol.merges_kv
+        if self.offload is not None and movable and index not in fork.local_only:
             remote = self.offload(fork.parent, fork.parent.token_ids + header, options, fork.depth + 1)
         if remote is not None:
             thread_id = next(self._remote_ids)

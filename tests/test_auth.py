@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.auth import KEYS_ENV, KEYS_FILE_ENV, Access, ApiKeys, Denied, is_loopback, read_keys
+from cluster.auth import KEYS_ENV, KEYS_FILE_ENV, Access, ApiKeys, Denied, generated_key, is_loopback, read_keys
 
 
 def test_keys_come_from_a_file_then_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,3 +49,18 @@ def test_keys_may_be_off_only_on_loopback(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ValueError, match="only on a loopback"):
         off.check_host("0.0.0.0")
     assert is_loopback("localhost") and not is_loopback("10.0.0.1") and not is_loopback("example.com")
+
+
+def test_a_generated_key_is_private_and_one_others_could_read_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "braid" / "api_key"
+    assert generated_key(path) == path
+    key = path.read_text()
+    assert (path.parent.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o700, 0o600)
+    assert generated_key(path) == path and path.read_text() == key  # kept across restarts
+    path.chmod(0o644)  # readable by others: no secret
+    with pytest.raises(ValueError, match="closed to others"):
+        generated_key(path)
+    path.chmod(0o600)
+    path.parent.chmod(0o755)  # a folder others may enter
+    with pytest.raises(ValueError, match="closed to others"):
+        generated_key(path)

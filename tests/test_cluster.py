@@ -98,7 +98,7 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory):
 
         KVTransfer.send = slow_send  # type: ignore[method-assign]
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": slow_link})  # fmt: skip
     try:
         # capacity 1: a replica that is busy sends its forks' children to the other one.
@@ -166,29 +166,37 @@ def test_forked_children_spread_over_replicas_with_the_prefix_sent_exactly(coord
     assert torch.equal(got[1], sent[1][:, :n]) and torch.equal(got[2], sent[2][:, :n])
 
 
-def test_batch_job_writes_every_line_once_and_resumes(coordinator, tmp_path: Path) -> None:
+def test_batch_job_writes_every_line_once_retries_refusals_and_reruns_failures(coordinator, tmp_path: Path) -> None:
     requests = [
         {"id": "a", "nums": [12, 7, 3, 2], "target": 26, "max_total_tokens": 200},
         "not json",
         {"id": "c", "prompt": "5 6 7 8>30\n", **OPTIONS},
         {"id": "d", "nums": [40, 2, 9, 1], "target": 31, "max_thread": 3},  # a misspelt option
         {"id": "e", "nums": [50, 25, 4, 2], "target": 73, "max_total_tokens": 200},
+        {"id": "f", "prompt": "5 6 7 8>30\n", "max_latency_s": 0.001},  # refused (503) every time
     ]
     inputs = tmp_path / "requests.jsonl"
     inputs.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in requests))
     output = tmp_path / "results.jsonl"
-    summary = run(inputs, output, coordinator, concurrency=2, progress=False)
+    summary = run(inputs, output, coordinator, concurrency=2, progress=False, retries=1)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5]
-    assert summary["answered"] == 3 and summary["errors"] == 2
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]
+    assert (summary["answered"], summary["errors"], summary["refusals_retried"]) == (3, 3, 1)
     assert "unknown option" in next(r for r in rows if r["line"] == 4)["error"]
+    assert "cannot be met" in next(r for r in rows if r["line"] == 6)["error"]
+
+    # A rerun skips the answered lines and runs the failed ones again, one record a line.
+    summary = run(inputs, output, coordinator, concurrency=2, progress=False, retries=0)
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]
+    assert (summary["skipped_as_done"], summary["errors"], summary["refusals_retried"]) == (3, 3, 0)
 
     # A job killed mid-way: two lines written, a third cut off. Resume answers the rest once.
     kept = [json.dumps(r) for r in rows if r["line"] in (1, 3)]
     output.write_text("\n".join(kept) + "\n" + '{"line": 5, "te')
-    summary = run(inputs, output, coordinator, concurrency=2, progress=False)
+    summary = run(inputs, output, coordinator, concurrency=2, progress=False, retries=0)
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5]
+    assert sorted(r["line"] for r in rows) == [1, 2, 3, 4, 5, 6]
     assert summary["skipped_as_done"] == 2
 
 
@@ -225,3 +233,20 @@ def test_a_replica_killed_mid_request_is_survived(coordinator) -> None:
         time.sleep(1)
     else:
         pytest.fail("the restarted replica never took forked children again")
+    health = ray.get(coordinator.health.remote())
+    assert health["live"] == 2 and health["restarts"] >= 1 and health["failures"] >= 1
+
+
+def test_a_replica_gone_for_good_gets_no_requests_and_is_reported(coordinator) -> None:
+    """After Ray stops restarting a replica, the coordinator stops placing requests there: each
+    is answered by the live one, none waits on or fails at the dead one; health says 1 of 2.
+    (Last in this module: it leaves the cluster one replica short.)"""
+    ray.kill(ray.get(coordinator.replica.remote(1)), no_restart=True)
+    end = time.monotonic() + 30
+    while ray.get(coordinator.health.remote())["live"] != 1:
+        assert time.monotonic() < end, "the dead replica is still counted live"
+        time.sleep(0.2)
+    prompts = [f"{a} {a - 9} 6 2>{a - 20}\n" for a in (61, 71, 81, 91)]
+    results = ray.get([coordinator.generate.remote(p, OPTIONS) for p in prompts], timeout=180)
+    assert [r["replica"] for r in results] == [0, 0, 0, 0]
+    assert ray.get(coordinator.health.remote())["configured"] == 2

@@ -368,6 +368,19 @@ def test_a_child_run_on_another_replica_joins_like_a_local_one(ckpt: Path, fail:
     assert engine.cache.stats().used_blocks == 0
 
 
+def test_multiverse_children_stay_with_their_parent(ckpt: Path) -> None:
+    """A Multiverse join merges the children's KV into the parent's: its children run where the
+    parent's KV is, never on another replica (the offload hook is not asked)."""
+    local, _, _ = run(ckpt, MV_SCRIPTS, protocol="multiverse")
+    engine, _ = scripted_engine(ckpt, MV_SCRIPTS)
+    asked: list[int] = []
+    fj = ForkJoinEngine(engine, offload=lambda parent, context, options, depth: asked.append(depth))
+    (result,) = fj.run(["Q:"], ForkJoinOptions(protocol="multiverse", sampling=SamplingParams(max_new_tokens=200)))
+    assert asked == [] and result.text == local.text
+    assert all(node.replica is None for node in result.threads)
+    assert engine.cache.stats().used_blocks == 0
+
+
 class StepClock:
     """A clock that advances 10 ms per engine step: deadlines in steps, not in machine speed."""
 

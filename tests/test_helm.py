@@ -157,6 +157,7 @@ def test_the_gpu_example_sizes_replicas_by_gpu(renderer: Path) -> None:
     assert workers["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     args = serve_app(docs)["args"]
     assert (args["num_replicas"], args["replica_gpus"], args["model_path"]) == (8, 1, "/models/Qwen3-8B")
+    assert args["metrics_host"] == "0.0.0.0"  # Prometheus scrapes the pods (braid serve: loopback)
     assert args["defaults"] == {"protocol": "threadweaver", "join_policy": "all", "max_latency_s": 30,
                                 "max_threads": 16, "max_depth": 2}  # fmt: skip
     # Monitoring: the worker PodMonitor scrapes every replica port, as job "braid".

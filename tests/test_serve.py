@@ -16,7 +16,7 @@ import requests
 from openai import OpenAI
 from ray import serve
 
-from actors.coordinator import free_port
+from cache_service.transfer import free_port
 from cluster.auth import Access
 from cluster.config import ClusterConfig
 from cluster.serve import PATIENT_SERVE, BraidAPI
@@ -52,7 +52,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     keys_file = tmp_path_factory.mktemp("keys") / "api_keys"
     keys_file.write_text("# Braid test keys\n" + "\n".join(KEYS) + "\n")
     os.environ.update(PATIENT_SERVE)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = ClusterConfig(model_path=str(MODEL), kv_cache_bytes=32 * 2**20, metrics_port=metrics_port)
@@ -138,11 +138,13 @@ def test_a_budget_that_fits_is_met_and_one_predicted_not_to_is_refused_before_an
     before = replica_tokens(server)
     start = time.monotonic()
     hopeless = {"prompt": PROMPT, "max_tokens": WHOLE_SEARCH, "max_latency_s": took / 10}
-    refused = requests.post(f"{server[0]}/v1/completions", json=hopeless, headers=AUTH, timeout=30)
-    assert refused.status_code == 503 and "cannot be met" in refused.json()["error"]["message"]
-    assert int(refused.headers["Retry-After"]) >= 1
-    assert time.monotonic() - start < 2.0  # refused at once, not queued
-    assert replica_tokens(server) == before  # no engine work was done for it
+    for stream in (False, True):  # streamed too: refused before the response starts, not inside a 200
+        refused = requests.post(f"{server[0]}/v1/completions", json={**hopeless, "stream": stream}, headers=AUTH,
+                                timeout=30)  # fmt: skip
+        assert refused.status_code == 503 and "cannot be met" in refused.json()["error"]["message"]
+        assert int(refused.headers["Retry-After"]) >= 1
+    assert time.monotonic() - start < 4.0  # refused at once, not queued
+    assert replica_tokens(server) == before  # no engine work was done for them
 
 
 def test_a_request_cut_short_is_a_miss_in_the_answer_and_the_metrics(server) -> None:
@@ -180,21 +182,32 @@ def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
     assert not any(wrong in f.read_text(errors="ignore") for f in logs.rglob("*") if f.is_file())
 
 
-def test_a_client_gone_mid_stream_has_its_threads_cancelled_and_kv_freed(server) -> None:
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server, stream: bool) -> None:
     # This prompt and seed make the model write 4000 tokens (~9 s here) unless it is stopped.
-    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 1, "stream": True}
+    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 1, "stream": stream}
     replica = ray.get(ray.get_actor("braid-coordinator", namespace="braid").replica.remote(0))
-    reply = requests.post(f"{server[0]}/v1/completions", json=body, headers=AUTH, stream=True, timeout=60)
-    next(line for line in reply.iter_lines() if line)  # under way
-    assert ray.get(replica.load_dict.remote())["running"] > 0
-    reply.close()  # the client goes away
+    gone = client_gone_count(server)
+    if stream:
+        reply = requests.post(f"{server[0]}/v1/completions", json=body, headers=AUTH, stream=True, timeout=60)
+        next(line for line in reply.iter_lines() if line)  # under way
+        assert ray.get(replica.load_dict.remote())["running"] > 0
+        reply.close()  # the client goes away
+    else:
+        with pytest.raises(requests.ReadTimeout):  # the client gives up after 2 s and goes away
+            requests.post(f"{server[0]}/v1/completions", json=body, headers=AUTH, timeout=(10, 2))
     start = time.monotonic()
     while ray.get(replica.load_dict.remote())["running"] or ray.get(replica.cache_report.remote())["used_blocks"]:
-        assert time.monotonic() - start < 5, "the stream's threads still run after its client left"
+        assert time.monotonic() - start < 5, "the request's threads still run after its client left"
         time.sleep(0.1)
-    metrics_text = requests.get(f"http://127.0.0.1:{server[1]}/metrics", timeout=10).text
-    assert 'braid_errors_total{kind="client_gone",model="model"} 1.0' in metrics_text
+    assert client_gone_count(server) == gone + 1
     assert requests.post(f"{server[0]}/v1/completions", json={"prompt": PROMPT}, headers=AUTH, timeout=120).ok
+
+
+def client_gone_count(server) -> float:
+    text = requests.get(f"http://127.0.0.1:{server[1]}/metrics", timeout=10).text
+    rows = [line for line in text.splitlines() if line.startswith('braid_errors_total{kind="client_gone"')]
+    return float(rows[0].split()[-1]) if rows else 0.0
 
 
 @pytest.mark.parametrize(
@@ -210,6 +223,8 @@ def test_a_client_gone_mid_stream_has_its_threads_cancelled_and_kv_freed(server)
         ({"prompt": "1 " * 5000}, 400, "over 4096 tokens"),
         ({"prompt": "1" * (1 << 20)}, 413, "body is over 1048576 bytes"),
         ({"prompt": PROMPT, "n": 3}, 400, "n"),
+        ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
+        ({"prompt": PROMPT, "stop": "x" * 257}, 400, "1 to 256 characters"),
         ({"prompt": PROMPT, "max_thread": 3}, 400, "max_thread"),  # a misspelt option is not ignored
         ({"max_tokens": 5}, 400, "prompt"),
     ],

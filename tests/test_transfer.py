@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from actors.coordinator import free_port
 from cache_service import CacheConfig, KVCache
-from cache_service.transfer import KVTransfer
+from cache_service.transfer import KVTransfer, free_port
 
 
 def config(device: str, dtype: torch.dtype) -> CacheConfig:

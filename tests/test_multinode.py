@@ -1,0 +1,80 @@
+"""The KV process group across nodes with addresses of their own: a Ray head on this machine
+and a worker node in a network namespace (its own IP, reached over a veth pair), the
+replicas on the worker node and the coordinator on the head, as on KubeRay (head pod, GPU
+pods). Rank 0 must host the group's store at an address of its own node. Needs root (the
+test makes and removes the namespace); skipped where namespaces cannot be made."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import ray
+
+from cache_service.transfer import free_port
+from cluster.config import ClusterConfig, start
+from tests.raynodes import ray_node
+
+NS, HOST_IF, NS_IF = "braid-test-ns", "braid-h0", "braid-n0"
+HOST_IP, NS_IP = "10.231.77.1", "10.231.77.2"
+
+
+def sh(*command: str) -> None:
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+
+
+def can_make_namespaces() -> bool:
+    try:
+        sh("ip", "netns", "add", NS + "-probe")
+        sh("ip", "netns", "del", NS + "-probe")
+        return True
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+@pytest.fixture
+def two_nodes() -> Iterator[str]:
+    if not can_make_namespaces():
+        pytest.skip("network namespaces cannot be made here (needs root and iproute2)")
+    sh("ip", "netns", "add", NS)
+    try:
+        sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
+        sh("ip", "link", "set", NS_IF, "netns", NS)
+        sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", HOST_IF)
+        sh("ip", "link", "set", HOST_IF, "up")
+        for command in (["ip", "addr", "add", f"{NS_IP}/24", "dev", NS_IF], ["ip", "link", "set", NS_IF, "up"],
+                        ["ip", "link", "set", "lo", "up"]):  # fmt: skip
+            sh("ip", "netns", "exec", NS, *command)
+        port = free_port()
+        head = ("--head", f"--node-ip-address={HOST_IP}", f"--port={port}", "--num-cpus=1", '--resources={"head": 1}')
+        worker = (f"--address={HOST_IP}:{port}", f"--node-ip-address={NS_IP}", "--num-cpus=2",
+                  '--resources={"worker_node": 2}')  # fmt: skip
+        with ray_node(*head, wait_for=(HOST_IP, port)), ray_node(*worker, prefix=("ip", "netns", "exec", NS)):
+            yield f"{HOST_IP}:{port}"
+    finally:
+        subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True, timeout=60)
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=60)
+
+
+def test_the_kv_group_forms_across_nodes_and_moves_a_prefix(two_nodes: str) -> None:
+    ray.init(address=two_nodes, _node_ip_address=HOST_IP, log_to_driver=False)
+    try:
+        end = time.monotonic() + 60
+        while not any(n["Alive"] and n["NodeManagerAddress"] == NS_IP for n in ray.nodes()):
+            assert time.monotonic() < end, "the worker node never joined"
+            time.sleep(0.5)
+        config = ClusterConfig(num_replicas=2, replica_cpus=1, replica_resources={"worker_node": 1},
+                               coordinator_resources={"head": 1}, kv_cache_bytes=32 * 2**20, capacity=1)  # fmt: skip
+        coordinator = start(config)  # the group forms in connect(): it failed here before rank 0 chose its address
+        replica = ray.get(coordinator.replica.remote(0))
+        assert ray.get(replica.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())) == NS_IP
+        assert ray.get(coordinator.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())) == HOST_IP
+        options = {"protocol": "threadweaver", "join_policy": "all", "max_total_tokens": 8000}
+        result = ray.get(coordinator.generate.remote("92 51 8 3>49\n", options), timeout=300)
+        counts = ray.get(coordinator.placement_counts.remote())
+        assert result["finish_reason"] == "stop"
+        assert sum(c["transfer"] for c in counts) > 0, counts  # a prefix went over the group
+    finally:
+        ray.shutdown()
