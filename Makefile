@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 # Debian packages the tests use: a real Prometheus server (and promtool) for the metrics
 # tests; Go with sprig and yaml.v3 to render the Helm chart (helm/render: there is no helm
-# here); g++ for the engine's fused CPU decode step (engine/csrc, built on first use).
-APT_PACKAGES := prometheus golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev g++
+# here); g++ for the engine's fused CPU decode step (engine/csrc, built on first use); iproute2
+# for the multi-node test's network namespace (tests/test_multinode.py; skipped without root).
+APT_PACKAGES := prometheus golang-go golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev g++ iproute2
 GOCODE := /usr/share/gocode/src
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -28,6 +29,7 @@ install: $(VENV)/.installed
 
 system-packages:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v go >/dev/null && command -v g++ >/dev/null && \
+		command -v ip >/dev/null && \
 		[ -d $(GOCODE)/github.com/Masterminds/sprig ] && [ -d $(GOCODE)/gopkg.in/yaml.v3 ] || \
 		($(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES))
 

@@ -76,10 +76,15 @@ class ClusterHealth:
         self.read = read
         self.model = model
 
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The families, without reading the coordinator (the registry asks at registration)."""
+        return self._families(None)
+
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         health = self.read()
-        if health is None:
-            return
+        return self._families(health) if health is not None else iter(())
+
+    def _families(self, health: dict | None) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         for name, kind, help_text, value in (
             ("braid_replicas_configured", GaugeMetricFamily, "Replicas the cluster was started with", "configured"),
             ("braid_replicas_live", GaugeMetricFamily, "Replicas that answered the coordinator's last load read "
@@ -90,7 +95,8 @@ class ClusterHealth:
             ("braid_replica_restarts", CounterMetricFamily, "Replicas live again after they were not", "restarts"),
         ):  # fmt: skip
             family = kind(name, help_text, labels=["model"])
-            family.add_metric([self.model], health[value])
+            if health is not None:
+                family.add_metric([self.model], health[value])
             yield family
 
 

@@ -147,10 +147,11 @@ class BraidAPI:
         self.tokenizer = Tokenizer.from_file(str(Path(config.model_path) / "tokenizer.json"))
         if config.metrics_port is not None:
             metrics.serve_metrics(config.metrics_port, host=config.metrics_host)
-            metrics.report_cluster_health(self._health, self.model)
         # A cluster running with another configuration (a redeploy: `serve deploy` with a new
         # config, a Helm change) is replaced, so the replicas serve what the ingress says.
         self.coordinator = connect_or_start(config, replace=True)
+        if config.metrics_port is not None:
+            metrics.report_cluster_health(self._health, self.model)
 
     @api.get("/healthz")
     def healthz(self) -> dict:

@@ -184,8 +184,9 @@ def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server, stream: bool) -> None:
-    # This prompt and seed make the model write 4000 tokens (~9 s here) unless it is stopped.
-    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 1, "stream": stream}
+    # This prompt and seed make the model write 4000 tokens (~15 s here) unless it is stopped (it
+    # depends on the engine's arithmetic: were it to end sooner, the checks below say so).
+    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 2, "stream": stream}
     replica = ray.get(ray.get_actor("braid-coordinator", namespace="braid").replica.remote(0))
     gone = client_gone_count(server)
     if stream:
@@ -194,8 +195,11 @@ def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server
         assert ray.get(replica.load_dict.remote())["running"] > 0
         reply.close()  # the client goes away
     else:
-        with pytest.raises(requests.ReadTimeout):  # the client gives up after 2 s and goes away
-            requests.post(f"{server[0]}/v1/completions", json=body, headers=AUTH, timeout=(10, 2))
+        try:  # the client gives up after 2 s and goes away
+            reply = requests.post(f"{server[0]}/v1/completions", json=body, headers=AUTH, timeout=(10, 2))
+            pytest.fail(f"answered within 2 s: {reply.status_code} {reply.text[:300]}")
+        except requests.ReadTimeout:
+            pass
     start = time.monotonic()
     while ray.get(replica.load_dict.remote())["running"] or ray.get(replica.cache_report.remote())["used_blocks"]:
         assert time.monotonic() - start < 5, "the request's threads still run after its client left"
