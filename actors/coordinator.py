@@ -246,10 +246,16 @@ class Coordinator:
         protocol = admitted.options.get("protocol") or DEFAULT_PROTOCOL
         usage = result["usage"]
         ended = result["finish_reason"] == "stop"
+        # A request squeezed by its deadline (children cut at their token budgets, early joins)
+        # wrote less than it would have: like one cut short, it may raise its cost, never lower
+        # it (else under load costs fall and admission lets in more than fits).
+        squeezed = any(node["status"] == "truncated" or "truncated" in node["notes"] for node in result["threads"])
         costs = self.admission.costs
-        costs.observe(protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], ended)
+        costs.observe(
+            protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], ended and not squeezed
+        )
         if admitted.key is not None:
-            self.admission.finished(admitted.replica, admitted.key, result["latency_s"], ended)
+            self.admission.finished(admitted.replica, admitted.key, result["latency_s"], ended and not squeezed)
         result.update(fanout_cap=admitted.width, predicted_latency_s=admitted.predicted_s)
         return result
 
