@@ -36,12 +36,11 @@ from pathlib import Path
 
 import requests
 
-from bench.load import LocalService, percentile
+from bench.load import WHOLE_SEARCH, LocalService, percentile
 from countdown import problems
 from countdown.traces import prompt
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_TOKENS = 4000  # room for the model's whole search: every request ends by its answer or its budget
 POLICIES = ("braid", "baseline")
 CONFIG = {"braid": {"policy": "deadline"}, "baseline": {"policy": "even"}}
 
@@ -50,7 +49,7 @@ def bodies(count: int, budget_s: float | None) -> list[dict]:
     """Countdown requests on the test problems, the same ones in the same order for every run."""
     chosen = problems.splits(0, 0, 1000)["test"][:count]
     extra = {} if budget_s is None else {"max_latency_s": budget_s}
-    return [{"prompt": prompt(p), "max_tokens": MAX_TOKENS, **extra} for p in chosen]
+    return [{"prompt": prompt(p), "max_tokens": WHOLE_SEARCH, **extra} for p in chosen]
 
 
 def post(service: LocalService, body: dict) -> tuple[int, dict, float]:

@@ -3,7 +3,8 @@ cluster (loopback only, a fixed number of requests), then every replica's cache 
 
     python -m bench.load [--requests 64] [--concurrency 16] [--replicas 2] [--max-requests 8]
 
-The embedded Countdown model, ThreadWeaver, `first_success`, the verifier; half of the
+The embedded Countdown model, ThreadWeaver, `first_success`, the verifier, room for the whole
+search (`WHOLE_SEARCH` tokens: a request ends on its own, not at its token limit); half of the
 requests carry a latency budget (`--budget`, seconds). Peer: the same kind of requests
 sent one at a time (a quarter as many), same cluster, same run: the latency a request
 has alone. Under load, more than `--max-requests` in flight are refused with 429 at once,
@@ -116,9 +117,12 @@ def drive(
         return list(pool.map(one, bodies))
 
 
+WHOLE_SEARCH = 4000  # tokens: room for the model's whole search (~2,400 at its widest): a request ends on its own
+
+
 def countdown_bodies(count: int, budget_s: float | None, seed: int = 0, max_tokens: int = 1200) -> list[dict]:
     """Forking Countdown requests (test split); every other one with a latency budget. With
-    the default `max_tokens` the widest searches are cut by it (~2,400 tokens whole)."""
+    the default `max_tokens` the widest searches are cut by it (WHOLE_SEARCH gives them room)."""
     chosen = problems.splits(0, 0, count + seed)["test"][seed:]
     bodies = [{"prompt": countdown_prompt(p), "max_tokens": max_tokens} for p in chosen]
     for body in bodies[::2] if budget_s else []:
@@ -169,10 +173,11 @@ def main() -> None:
         drive(service, countdown_bodies(2, None, seed=1000), 1)  # warm-up
         baseline = memory_mb(replicas)
         start = time.perf_counter()
-        alone = drive(service, countdown_bodies(max(1, args.requests // 4), args.budget, seed=500), 1)
+        alone = drive(service, countdown_bodies(max(1, args.requests // 4), args.budget, 500, WHOLE_SEARCH), 1)
         alone_stats = summary(alone, time.perf_counter() - start)
         start = time.perf_counter()
-        loaded = drive(service, countdown_bodies(args.requests, args.budget), args.concurrency, retries=100)
+        loaded = drive(service, countdown_bodies(args.requests, args.budget, 0, WHOLE_SEARCH), args.concurrency,
+                       retries=100)  # fmt: skip
         loaded_stats = summary(loaded, time.perf_counter() - start)
         reports = [ray.get(r.cache_report.remote()) for r in replicas]  # raises if a cache is inconsistent
         after = memory_mb(replicas)

@@ -27,10 +27,9 @@ import time
 import ray
 import requests
 
-from bench.load import LocalService, countdown_bodies, drive, missed, percentile
+from bench.load import WHOLE_SEARCH, LocalService, countdown_bodies, drive, missed, percentile
 from countdown.traces import SERVE_OPTIONS
 
-WHOLE_SEARCH = 4000  # tokens: room for the model's whole search, so that requests end on their own
 RETRIES = 100  # a refused request (503) is sent again after its Retry-After, up to this many times
 
 

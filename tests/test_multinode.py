@@ -7,18 +7,18 @@ test makes and removes the namespace); skipped where namespaces cannot be made."
 from __future__ import annotations
 
 import subprocess
-import time
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-import ray
 
 from cache_service.transfer import free_port
-from cluster.config import ClusterConfig, start
-from tests.raynodes import ray_node
+from tests.raynodes import RAY_ENV, ray_node
 
 NS, HOST_IF, NS_IF = "braid-test-ns", "braid-h0", "braid-n0"
 HOST_IP, NS_IP = "10.231.77.1", "10.231.77.2"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sh(*command: str) -> None:
@@ -58,23 +58,36 @@ def two_nodes() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", NS], capture_output=True, timeout=60)
 
 
+# Run in a process of its own, with the environment as it was before the suite's other Ray
+# clusters set variables in it: with those, the first actors on this cluster were cancelled
+# ("all references removed") when the suite ran in one process.
+CHECK = """
+import sys, time
+import ray
+from cluster.config import ClusterConfig, start
+
+address, host_ip, ns_ip = sys.argv[1:]
+ray.init(address=address, _node_ip_address=host_ip, log_to_driver=False)
+end = time.monotonic() + 60
+while not any(n["Alive"] and n["NodeManagerAddress"] == ns_ip for n in ray.nodes()):
+    assert time.monotonic() < end, "the worker node never joined"
+    time.sleep(0.5)
+config = ClusterConfig(num_replicas=2, replica_cpus=1, replica_resources={"worker_node": 1},
+                       coordinator_resources={"head": 1}, kv_cache_bytes=32 * 2**20, capacity=1)
+coordinator = start(config)  # the group forms in connect(): it timed out here before rank 0 chose its address
+replica = ray.get(coordinator.replica.remote(0))
+assert ray.get(replica.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())) == ns_ip
+assert ray.get(coordinator.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())) == host_ip
+options = {"protocol": "threadweaver", "join_policy": "all", "max_total_tokens": 8000}
+result = ray.get(coordinator.generate.remote("92 51 8 3>49\\n", options), timeout=300)
+counts = ray.get(coordinator.placement_counts.remote())
+assert result["finish_reason"] == "stop", result["finish_reason"]
+assert sum(c["transfer"] for c in counts) > 0, counts  # a prefix went over the group
+print("ok")
+"""
+
+
 def test_the_kv_group_forms_across_nodes_and_moves_a_prefix(two_nodes: str) -> None:
-    ray.init(address=two_nodes, _node_ip_address=HOST_IP, log_to_driver=False)
-    try:
-        end = time.monotonic() + 60
-        while not any(n["Alive"] and n["NodeManagerAddress"] == NS_IP for n in ray.nodes()):
-            assert time.monotonic() < end, "the worker node never joined"
-            time.sleep(0.5)
-        config = ClusterConfig(num_replicas=2, replica_cpus=1, replica_resources={"worker_node": 1},
-                               coordinator_resources={"head": 1}, kv_cache_bytes=32 * 2**20, capacity=1)  # fmt: skip
-        coordinator = start(config)  # the group forms in connect(): it failed here before rank 0 chose its address
-        replica = ray.get(coordinator.replica.remote(0))
-        assert ray.get(replica.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())) == NS_IP
-        assert ray.get(coordinator.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())) == HOST_IP
-        options = {"protocol": "threadweaver", "join_policy": "all", "max_total_tokens": 8000}
-        result = ray.get(coordinator.generate.remote("92 51 8 3>49\n", options), timeout=300)
-        counts = ray.get(coordinator.placement_counts.remote())
-        assert result["finish_reason"] == "stop"
-        assert sum(c["transfer"] for c in counts) > 0, counts  # a prefix went over the group
-    finally:
-        ray.shutdown()
+    done = subprocess.run([sys.executable, "-c", CHECK, two_nodes, HOST_IP, NS_IP], cwd=ROOT, env=RAY_ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
