@@ -232,9 +232,14 @@ class BraidAPI:
         try:
             result = await call
         except asyncio.CancelledError:  # the client went away (Serve cancels its request): so does the work
-            ray.cancel(call)
+            # Not recursive: the coordinator ends the request on its replica itself, and a
+            # recursive cancel could cancel that very call on its way.
+            ray.cancel(call, recursive=False)
             metrics.ERRORS.labels(self.model, "client_gone").inc()
             raise
+        except ray.exceptions.TaskCancelledError as error:  # the same, with Serve's cancel reaching the call first
+            metrics.ERRORS.labels(self.model, "client_gone").inc()
+            raise asyncio.CancelledError from error
         except ray.exceptions.RayError as error:
             raise self._failed(error, options) from error
         self._observe(result, options)
