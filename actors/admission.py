@@ -62,7 +62,9 @@ class StepTimes:
     are seen). A step is a replica's whole loop iteration: a step that also prefills a
     prompt, a fork or a join (10-50x a decode step) is part of the cost of running requests,
     and the mean keeps it; the clip keeps the first steps after start (lazy initialisation,
-    100x a step) and a pause of the process from ruling a bucket seen rarely."""
+    100x a step) and a pause of the process from ruling a bucket seen rarely. A replica
+    observes each step (cheap: its step loop is a hot path) and averages when it reports
+    (`refresh`); the coordinator gets the averages (`seconds`) and predicts with them."""
 
     def __init__(self, seconds: dict[int, float] | None = None) -> None:
         self.seconds: dict[int, float] = dict(seconds or {})  # bucket (its smallest count) -> seconds
@@ -70,10 +72,16 @@ class StepTimes:
 
     def observe(self, threads: int, seconds: float) -> None:
         bucket = 1 << (max(threads, 1).bit_length() - 1)
-        recent = self.recent.setdefault(bucket, deque(maxlen=STEP_WINDOW))
-        recent.append(seconds)
-        cap = STEP_CLIP * statistics.median(recent)
-        self.seconds[bucket] = sum(min(s, cap) for s in recent) / len(recent)
+        self.recent.setdefault(bucket, deque(maxlen=STEP_WINDOW)).append(seconds)
+
+    def refresh(self) -> dict[int, float]:
+        """`seconds` from the steps observed, now. (Safe beside a thread that observes: the
+        buckets and steps are copied first.)"""
+        for bucket, recent in list(self.recent.items()):
+            steps = list(recent)
+            cap = STEP_CLIP * statistics.median(steps)
+            self.seconds[bucket] = sum(min(s, cap) for s in steps) / len(steps)
+        return self.seconds
 
     def at(self, threads: float) -> float:
         if not self.seconds:
@@ -91,8 +99,8 @@ class StepTimes:
 
 class FullRate:
     """Tokens a replica generated per second of the steps that were full (as many threads as
-    it computes at most, more waiting): what it delivers when saturated, over its last
-    STEP_WINDOW such steps."""
+    it computes at most): what it delivers when saturated, over its last STEP_WINDOW such
+    steps."""
 
     def __init__(self) -> None:
         self.recent: deque[tuple[int, float]] = deque(maxlen=STEP_WINDOW)
@@ -101,8 +109,9 @@ class FullRate:
         self.recent.append((tokens, seconds))
 
     def rate(self) -> float:
-        seconds = sum(s for _, s in self.recent)
-        return sum(t for t, _ in self.recent) / seconds if seconds > 0 else 0.0
+        steps = list(self.recent)  # a copy: the step loop may append meanwhile
+        seconds = sum(s for _, s in steps)
+        return sum(t for t, _ in steps) / seconds if seconds > 0 else 0.0
 
 
 @dataclass(slots=True)
@@ -265,8 +274,8 @@ class Admission:
             for rank, width in choices:
                 cost = self.costs.get(protocol, width, widths)
                 tokens = min((cost or prior).tokens, prior.tokens)  # never more than the request may write
-                job = Job(now + budget_s, tokens, min((cost or prior).critical_high, prior.critical), 0.0)
-                job.floor = LEFT_FLOOR * tokens
+                critical = min((cost or prior).critical_high, prior.critical)
+                job = Job(now + budget_s, tokens, critical, LEFT_FLOOR * tokens)
                 if cost is None and not backlog.jobs and budget_s >= MIN_STEPS * model.step.at(1):
                     return Decision(index, width, None, job=job)  # nothing known, nothing else there: try it
                 predicted = self._fits(backlog, model, job, now, scale)

@@ -245,17 +245,17 @@ class Coordinator:
         result["latency_s"] = time.monotonic() - admitted.arrived
         protocol = admitted.options.get("protocol") or DEFAULT_PROTOCOL
         usage = result["usage"]
-        ended = result["finish_reason"] == "stop"
-        # A request squeezed by its deadline (children cut at their token budgets, early joins)
-        # wrote less than it would have: like one cut short, it may raise its cost, never lower
-        # it (else under load costs fall and admission lets in more than fits).
+        # Whole: it ended on its own and was not squeezed by its deadline (children cut at their
+        # token budgets, early joins). One that was not wrote less than it would have: it may
+        # raise its cost, never lower it (else under load costs fall and admission lets in more
+        # than fits).
         squeezed = any(node["status"] == "truncated" or "truncated" in node["notes"] for node in result["threads"])
-        costs = self.admission.costs
-        costs.observe(
-            protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], ended and not squeezed
+        whole = result["finish_reason"] == "stop" and not squeezed
+        self.admission.costs.observe(
+            protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], whole
         )
         if admitted.key is not None:
-            self.admission.finished(admitted.replica, admitted.key, result["latency_s"], ended and not squeezed)
+            self.admission.finished(admitted.replica, admitted.key, result["latency_s"], whole)
         result.update(fanout_cap=admitted.width, predicted_latency_s=admitted.predicted_s)
         return result
 

@@ -303,7 +303,7 @@ class ReplicaWorker:
         return ReplicaLoad(
             self.replica_id, len(self._done), len(sched.running), len(sched.waiting),
             cache.num_available_blocks, cache.config.num_blocks, 1000 * self.forkjoin.step_s,
-            {n: 1000 * t for n, t in self.step_times.seconds.items()}, 0 if math.isinf(cap) else int(cap),
+            {n: 1000 * t for n, t in self.step_times.refresh().items()}, 0 if math.isinf(cap) else int(cap),
             self.full_rate.rate(),
         )  # fmt: skip
 

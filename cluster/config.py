@@ -63,7 +63,6 @@ def start(config: ClusterConfig) -> Any:
     device = "cuda" if config.replica_gpus else "cpu"
     threads = 0 if config.replica_gpus else max(1, int(config.replica_cpus))  # torch threads = its cores
     lifetime = "detached" if config.detached else None
-    _STARTED_REPLICAS.clear()  # handles of an earlier cluster (an earlier Ray session, in tests) go first
     port = None if config.metrics_port is None else config.metrics_port + 1  # each replica takes the first free one
     step_cap = config.max_step_threads if config.policy == "deadline" else None
     replicas = [

@@ -39,13 +39,16 @@ def test_step_times_per_bucket_interpolate_and_clip_outliers() -> None:
         steps.observe(4, 0.004)
         steps.observe(16, 0.010)
     steps.observe(4, 5.0)  # a pause of the process: counted as twice the median at most
+    steps.refresh()  # (a replica averages when it reports its load)
     assert steps.at(4) == pytest.approx(0.004 * 12 / 11) and steps.at(16) == pytest.approx(0.010 * 12 / 11)
     steps.observe(4, 0.004)
+    steps.refresh()
     at4, at16 = steps.at(4), steps.at(16)
     assert steps.at(10) == pytest.approx((at4 + at16) / 2)  # between buckets 4 and 16
     assert steps.at(64) == pytest.approx(4 * at16)  # above what was seen: in proportion, pessimistic
     for _ in range(STEP_WINDOW):
         steps.observe(16, 0.020)  # the machine got slower: the recent steps tell
+    steps.refresh()
     assert steps.at(16) == pytest.approx(0.020)
 
 
