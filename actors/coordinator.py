@@ -21,6 +21,14 @@ Health: a replica that does not answer the load read (every LOAD_REFRESH_S, each
 CALL_TIMEOUT_S) or that a request saw fail is not live, and gets no new request until it
 answers again (none live: 503). `health()` reports it, for readiness and metrics.
 
+Time: a request runs at most `request_timeout_s` (and one with a budget at most its budget
+plus LATE_GRACE_S: the engine cuts it at its deadline, so past that its replica is stuck);
+then it is ended on its replica and fails with `RequestTimedOut` (HTTP 504).
+
+Lifetime: a cluster a Serve app started (`serve_app` in its configuration) stops itself,
+replicas first, once that app is gone (`serve shutdown`, `serve delete`): its GPUs are
+freed. A redeploy keeps the app, so it keeps the cluster (or replaces it: `cluster.config`).
+
 Failure: when a request's replica dies mid-request, the request runs again, from its
 prompt, on another replica (once per replica at most) while less than `retry_within_s`
 has passed since it started; else it fails with `ReplicaFailed`, naming the replica. Ray
@@ -36,10 +44,11 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
-from ray.exceptions import RayActorError
+from ray import serve
+from ray.exceptions import RayActorError, RayError
 
 from actors.admission import Admission, Cost, ReplicaModel, StepTimes
 from actors.placement import Placement
@@ -52,7 +61,13 @@ POLICIES = ("deadline", "even")
 LOAD_REFRESH_S = 0.2  # how often the coordinator reads the replicas' step times
 CALL_TIMEOUT_S = 2.0  # a replica that does not answer a load read within this is not live
 DOWN_RETRY_S = 5  # Retry-After when no replica is live
+LATE_GRACE_S = 10.0  # a budgeted request runs at most this long past its budget
+OWNER_CHECK_S = 5.0  # how often a cluster a Serve app started checks that the app is still there
+OWNER_GONE_CHECKS = 3  # checks in a row finding it gone before the cluster stops (not: a restarting controller)
 DEFAULT_PROTOCOL = ForkJoinOptions().protocol
+
+
+E = TypeVar("E", bound=BaseException)
 
 
 def replica_name(index: int) -> str:
@@ -61,6 +76,10 @@ def replica_name(index: int) -> str:
 
 class ReplicaFailed(RuntimeError):
     """Every replica a request was tried on failed, or its deadline passed while retrying."""
+
+
+class RequestTimedOut(RuntimeError):
+    """The request ran past its time (`request_timeout_s`, or its budget plus LATE_GRACE_S)."""
 
 
 class Refused(RuntimeError):
@@ -77,10 +96,10 @@ class Refused(RuntimeError):
         return f"{self.status}: {self.reason}"
 
 
-def refusal(error: BaseException) -> Refused | None:
-    """The coordinator's Refused, out of Ray's wrapping."""
+def cause(error: BaseException | None, kind: type[E]) -> E | None:
+    """The coordinator's error of `kind` (Refused, RequestTimedOut), out of Ray's wrapping."""
     while error is not None:
-        if isinstance(error, Refused):
+        if isinstance(error, kind):
             return error
         error = getattr(error, "cause", None)
     return None
@@ -105,12 +124,14 @@ class Coordinator:
 
     def __init__(
         self, num_replicas: int, affinity_margin: int = 1, kv_transfer: bool = True, retry_within_s: float = 60.0,
-        max_requests: int = 256, task: str = "none", policy: str = "deadline", cluster: dict | None = None,
+        max_requests: int = 256, task: str = "none", policy: str = "deadline", request_timeout_s: float = 600.0,
+        cluster: dict | None = None,
     ) -> None:  # fmt: skip
         """The replicas are found by name (`replica_name(i)`), so that a coordinator Ray restarts
         finds them again; `max_requests`: requests in flight across the cluster before new ones
         are refused (429); `task`: how fan-outs are narrowed and warmed up (`actors.tasks`);
-        `cluster`: the configuration the cluster was started with, for `cluster_config`."""
+        `request_timeout_s`: the longest a request runs; `cluster`: the configuration the
+        cluster was started with, for `cluster_config` (its `serve_app`: the app it lives for)."""
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         replicas = [ray.get_actor(replica_name(i), namespace=NAMESPACE) for i in range(num_replicas)]
@@ -124,12 +145,14 @@ class Coordinator:
         self.models = [ReplicaModel(StepTimes(), math.inf) for _ in replicas]
         self.kv_transfer = kv_transfer
         self.retry_within_s = retry_within_s
+        self.request_timeout_s = request_timeout_s
         self.live = [True] * len(replicas)  # answered its last load read in time (connect() checked them)
         self.failures = 0  # replica failures seen by requests
         self.retries = 0  # requests run again on another replica after one failed
         self.restarts = 0  # replicas live again after they were not
+        self.timeouts = 0  # requests that ran past their time
         self._reconnecting: asyncio.Task | None = None
-        self._refreshing: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
 
     async def connect(self) -> None:
         """Give every replica its peers and (with `kv_transfer`) a new process group for KV."""
@@ -138,19 +161,34 @@ class Coordinator:
         # this node's: on KubeRay the coordinator is on the head pod and replicas on GPU pods.
         init = await asyncio.wait_for(self.replicas[0].rendezvous_address.remote(), 60) if transfer else None
         await asyncio.gather(*[r.connect.remote(self.replicas, init) for r in self.replicas])
-        if self._refreshing is None:
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_loads())
+        self._start_background()
+
+    def _start_background(self) -> None:
+        """Start, once per process, the load reads and (for a Serve app's cluster) the watch on
+        the app: called by the first method a coordinator Ray restarted is asked for."""
+        if self._background:
+            return
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._refresh_loads()))
+        if self.cluster.get("serve_app"):
+            self._background.append(loop.create_task(self._watch_owner(self.cluster["serve_app"])))
 
     async def warm_up(self) -> None:
         """Run the task's warm-up prompts at every fan-out cap, spread over the replicas, all at
-        once: the first costs admission predicts with, and the replicas' first step times."""
+        once: the first costs admission predicts with, and the replicas' first step times. A
+        replica that fails here is handled as one that fails a request (the cluster starts)."""
         pairs = list(itertools.product(self.task.warm_up, self.task.widths))
-        calls = []
+        placed, calls = [], []
         for i, (prompt, width) in enumerate(pairs):
             text, options = self.task.narrow(prompt, dict(self.task.options), width)
             admitted = Admitted(i % len(self.replicas), text, options, width, arrived=time.monotonic())
+            placed.append(admitted.replica)
             calls.append(self._answered(admitted, self.replicas[admitted.replica].generate.remote(text, options)))
-        await asyncio.gather(*calls)
+        for replica, outcome in zip(placed, await asyncio.gather(*calls, return_exceptions=True), strict=True):
+            if isinstance(outcome, RayActorError):  # a fault like any other: not live until it answers again
+                self._failed(replica)
+            elif isinstance(outcome, BaseException):
+                raise outcome
         await self._read_loads()
 
     async def admit(
@@ -159,6 +197,7 @@ class Coordinator:
         """Where a request that arrived at `arrived` goes and with what fan-out cap (its options
         carry what is left of its budget), or refused fast: a full cluster (429), or a latency
         budget it is not predicted to meet anywhere now (503)."""
+        self._start_background()
         if sum(self.placement.in_flight) >= self.max_requests:
             raise Refused(429, f"busy: {self.max_requests} requests in flight; retry later")
         tried = tried | {i for i, live in enumerate(self.live) if not live}
@@ -196,16 +235,22 @@ class Coordinator:
         admitted = await self.admit(prompt, options or {}, arrival(received))
         self.placement.started(admitted.replica)
         yield {"type": "admitted", "replica": admitted.replica, "fanout_cap": admitted.width}
+        events = self.replicas[admitted.replica].generate_stream.remote(admitted.prompt, admitted.options)
+        end = admitted.arrived + time_limit_s(options or {}, self.request_timeout_s)
         try:
-            replica = self.replicas[admitted.replica]
-            async for ref in replica.generate_stream.remote(admitted.prompt, admitted.options):
-                event = await ref
+            while True:
+                event = await asyncio.wait_for(next_event(events), end - time.monotonic())
+                if event is None:
+                    return
                 if event["type"] == "result":
                     self._observe(admitted, event["result"])
                 yield event
         except RayActorError as error:
             self._failed(admitted.replica)
             yield {"type": "error", "error": f"replica {admitted.replica} failed mid-request: {error}"}
+        except TimeoutError:
+            ray.cancel(events)  # closes the replica's stream, which ends the request there
+            yield {"type": "error", "error": str(self._timed_out(admitted)), "timed_out": True}
         finally:
             self._done(admitted)
 
@@ -213,17 +258,22 @@ class Coordinator:
         """The request's result; `received`: when it reached Braid (`time.time()` at the HTTP
         ingress; None: now), which its latency budget counts from."""
         start = arrival(received)
+        end = start + time_limit_s(options or {}, self.request_timeout_s)
         tried: set[int] = set()
         while True:
             admitted = await self.admit(prompt, options or {}, start, frozenset(tried))
             self.placement.started(admitted.replica)
             replica = self.replicas[admitted.replica]
             key = uuid.uuid4().hex
+            call = self._answered(admitted, replica.generate.remote(admitted.prompt, admitted.options, key))
             try:
-                return await self._answered(admitted, replica.generate.remote(admitted.prompt, admitted.options, key))
+                return await asyncio.wait_for(call, end - time.monotonic())
             except asyncio.CancelledError:  # its caller went away (`ray.cancel`): end it on its replica too
                 replica.cancel.remote(key)
                 raise
+            except TimeoutError:
+                replica.cancel.remote(key)
+                raise self._timed_out(admitted) from None
             except RayActorError as error:
                 self._failed(admitted.replica)
                 tried.add(admitted.replica)
@@ -234,6 +284,14 @@ class Coordinator:
                 self.retries += 1
             finally:
                 self._done(admitted)
+
+    def _timed_out(self, admitted: Admitted) -> RequestTimedOut:
+        self.timeouts += 1
+        ran = time.monotonic() - admitted.arrived
+        return RequestTimedOut(
+            f"the request ran {ran:.1f} s on replica {admitted.replica}, past its time limit "
+            f"(request_timeout_s={self.request_timeout_s:g}, or its budget + {LATE_GRACE_S:g} s)"
+        )
 
     async def _answered(self, admitted: Admitted, ref: Any) -> dict:
         """The result of a replica's `generate` call (`ref`), observed."""
@@ -295,10 +353,11 @@ class Coordinator:
         self.live[replica] = False
         self._reconnect_later()
 
-    def health(self) -> dict:
+    async def health(self) -> dict:
         """For readiness and metrics: replicas configured and live, and what failed so far."""
+        self._start_background()
         return {"configured": len(self.replicas), "live": sum(self.live), "failures": self.failures,
-                "retries": self.retries, "restarts": self.restarts}  # fmt: skip
+                "retries": self.retries, "restarts": self.restarts, "timeouts": self.timeouts}  # fmt: skip
 
     def costs(self) -> dict[str, dict]:
         """What admission has learned: each (protocol, fan-out cap)'s expected cost."""
@@ -326,11 +385,46 @@ class Coordinator:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             try:
-                await asyncio.gather(*[r.load_dict.remote() for r in self.replicas])
+                await asyncio.gather(*[asyncio.wait_for(r.load_dict.remote(), CALL_TIMEOUT_S) for r in self.replicas])
                 break
-            except RayActorError:
+            except (RayActorError, TimeoutError):
                 await asyncio.sleep(0.5)
         await self.connect()
+
+    async def _watch_owner(self, app: str) -> None:
+        """Stop this cluster (replicas, then this actor) once the Serve app `app` is gone."""
+        gone = 0
+        while gone < OWNER_GONE_CHECKS:
+            await asyncio.sleep(OWNER_CHECK_S)
+            gone = 0 if await asyncio.to_thread(serve_app_running, app) else gone + 1
+        print(f"The Serve app {app!r} that started this Braid cluster is gone: stopping its replicas.", flush=True)
+        for replica in self.replicas:
+            ray.kill(replica, no_restart=True)
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def time_limit_s(options: dict[str, Any], request_timeout_s: float) -> float:
+    """The longest a request with `options` (as it arrived) runs, from its arrival."""
+    budget = options.get("max_latency_s")
+    return request_timeout_s if budget is None else min(request_timeout_s, budget + LATE_GRACE_S)
+
+
+async def next_event(events: Any) -> dict | None:
+    """A Ray stream's (ObjectRefGenerator's) next item; None at its end."""
+    try:
+        return await (await events.__anext__())
+    except StopAsyncIteration:
+        return None
+
+
+def serve_app_running(app: str) -> bool:
+    """Whether Ray Serve has the application `app` (and is not deleting it); an unreachable
+    Serve controller (shut down) has none."""
+    try:
+        status = serve.status().applications.get(app)
+    except RayError:
+        return False
+    return status is not None and status.status != "DELETING"
 
 
 def arrival(received: float | None) -> float:

@@ -93,6 +93,8 @@ class ClusterHealth:
             ("braid_request_retries", CounterMetricFamily, "Requests run again on another replica after one "
              "failed", "retries"),
             ("braid_replica_restarts", CounterMetricFamily, "Replicas live again after they were not", "restarts"),
+            ("braid_request_timeouts", CounterMetricFamily, "Requests ended at their time limit (HTTP 504)",
+             "timeouts"),
         ):  # fmt: skip
             family = kind(name, help_text, labels=["model"])
             if health is not None:

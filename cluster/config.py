@@ -33,6 +33,7 @@ class ClusterConfig:
     capacity: int = 16  # live threads a replica takes before its forks spill to other replicas
     kv_transfer: bool = True  # send a fork's prefix KV to other replicas (else they recompute it)
     retry_within_s: float = 60.0  # a request whose replica died is retried elsewhere within this time
+    request_timeout_s: float = 600.0  # the longest a request runs (one with a budget: its budget + 10 s); then 504
     max_requests: int = 256  # in flight across the cluster; more are refused with HTTP 429
     # "deadline": requests with a latency budget admitted where they are predicted to answer in
     # time, at the fan-out the load allows, their threads run earliest deadline first; "even":
@@ -44,6 +45,7 @@ class ClusterConfig:
     metrics_port: int | None = None  # the ingress's Prometheus port; replicas take the next free ones
     metrics_host: str = "127.0.0.1"  # the address metrics listen on (the Helm chart: 0.0.0.0, for Prometheus)
     detached: bool = False  # actors outlive the driver that started them (Serve deployments)
+    serve_app: str | None = None  # the Serve app a detached cluster lives for: it stops once the app is gone
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -54,6 +56,8 @@ class ClusterConfig:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.max_step_threads < 1:
             raise ValueError(f"max_step_threads must be >= 1, got {self.max_step_threads}")
 
@@ -94,7 +98,7 @@ def start(config: ClusterConfig) -> Any:
         resources=config.coordinator_resources or {},
     ).remote(len(replicas), kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,
              max_requests=config.max_requests, task=config.task, policy=config.policy,
-             cluster=asdict(config))  # fmt: skip
+             request_timeout_s=config.request_timeout_s, cluster=asdict(config))  # fmt: skip
     ray.get(coordinator.connect.remote())
     ray.get(coordinator.warm_up.remote())
     return coordinator

@@ -31,7 +31,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from actors.coordinator import refusal
+from actors.coordinator import Refused, cause
 from cluster.config import ClusterConfig, connect_or_start
 from countdown.problems import Problem
 from countdown.traces import SERVE_OPTIONS
@@ -155,7 +155,7 @@ def run(
                 result = record(request.line, request.id, ray.get(ready[0]))
                 latencies.append(result["latency_s"])
             except (ray.exceptions.RayError, ValueError) as err:
-                why = refusal(err)
+                why = cause(err, Refused)
                 if why is not None and request.refusals < retries:
                     refusals += 1
                     request.refusals += 1

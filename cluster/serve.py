@@ -23,7 +23,8 @@ malformed body, a bad option or a prompt over the limit, 401 for a missing or wr
 key, 404 for an unknown model, 429 when the cluster is full or the key has too many
 requests in flight and 503 when a latency budget is not predicted to be met with the work
 queued now (refused at once, never queued; see `actors.admission`), 500 when a replica
-fails. A 429 or 503 carries `Retry-After` (seconds).
+fails, 504 when a request runs past its time (`request_timeout_s`, or its budget + 10 s).
+A 429 or 503 carries `Retry-After` (seconds).
 
 Every answer's `braid.sla` says how its budget went: `outcome` "met" (it answered on its
 own inside the budget), "late", or "truncated" (cut short: a miss), with the latency the
@@ -33,6 +34,7 @@ own), `braid.accepted` whether the task's check passed its answer (null: no chec
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import os
 import time
@@ -49,7 +51,7 @@ from ray import serve
 from tokenizers import Tokenizer
 
 from actors import metrics
-from actors.coordinator import refusal
+from actors.coordinator import Refused, RequestTimedOut, cause, next_event, time_limit_s
 from actors.tasks import TASKS
 from cluster.auth import (
     GENERATED_KEY_FILE,
@@ -72,6 +74,9 @@ MAX_PROMPT_TOKENS = 4096
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413) before it is parsed
 MAX_INGRESS_REQUESTS = 4096  # requests one ingress replica takes in at once (admission is the coordinator's)
 HEALTH_TIMEOUT_S = 5.0  # the coordinator's health for /readyz and the metrics, at most this long
+# The ingress waits this long past a request's time limit (the coordinator's, which ends it
+# first with a clear 504) before it gives up on a coordinator that does not answer.
+INGRESS_GRACE_S = 10.0
 
 
 class ApiError(Exception):
@@ -141,6 +146,8 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 class BraidAPI:
     def __init__(self, config: ClusterConfig, defaults: dict[str, Any], access: Access) -> None:
         self.keys = ApiKeys(access)  # first: a server nobody may call must not start
+        if config.detached:  # a cluster that outlives this process stops once this app is gone
+            config = dataclasses.replace(config, serve_app=serve.get_replica_context().app_name)
         self.config = config
         self.model = api.state.model = Path(config.model_path).name
         self.defaults = defaults
@@ -221,16 +228,20 @@ class BraidAPI:
             raise ApiError(400, str(error)) from error
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         shape = Shape(request_id, self.model, chat, options, body.timeline)
+        end = received + time_limit_s(options, self.config.request_timeout_s) + INGRESS_GRACE_S  # time.time()
         if body.stream:
             events = self.coordinator.stream.remote(prompt, options, received)
-            try:
-                await (await events.__anext__())  # admitted: a refusal raises here, before the 200 is sent
-            except ray.exceptions.RayError as error:
+            try:  # admitted: a refusal raises here, before the 200 is sent
+                await asyncio.wait_for(next_event(events), end - time.time())
+            except (ray.exceptions.RayError, TimeoutError) as error:
                 raise self._failed(error, options) from error
-            return StreamingResponse(self._stream(events, options, shape, key), media_type="text/event-stream")
+            return StreamingResponse(self._stream(events, options, shape, key, end), media_type="text/event-stream")
         call = self.coordinator.generate.remote(prompt, options, received)
         try:
-            result = await call
+            result = await asyncio.wait_for(call, end - time.time())
+        except TimeoutError as error:  # the coordinator did not answer (its own limit ends requests first)
+            ray.cancel(call, recursive=False)
+            raise self._failed(error, options) from error
         except asyncio.CancelledError:  # the client went away (Serve cancels its request): so does the work
             # Not recursive: the coordinator ends the request on its replica itself, and a
             # recursive cancel could cancel that very call on its way.
@@ -245,28 +256,33 @@ class BraidAPI:
         self._observe(result, options)
         return shape.response(result)
 
-    async def _stream(self, events: Any, options: dict, shape: Shape, key: str | None) -> AsyncIterator[str]:
-        """The stream of an admitted request (`events`: the coordinator's, past its "admitted").
+    async def _stream(
+        self, events: Any, options: dict, shape: Shape, key: str | None, end: float
+    ) -> AsyncIterator[str]:
+        """The stream of an admitted request (`events`: the coordinator's, past its "admitted"),
+        given up at `end` (time.time()) if the coordinator stops answering.
         When the client goes away mid-stream, Serve cancels this request, and Ray the tasks it
         started (recursively) down to the replica's stream, which cancels the request there:
         its threads stop and their KV is freed."""
         ended = False
         try:
-            async for ref in events:
-                event = await ref
+            while (event := await asyncio.wait_for(next_event(events), end - time.time())) is not None:
                 if event["type"] == "text":
                     yield sse(shape.chunk(event["text"]))
                 elif event["type"] == "thread":
                     yield sse(shape.thread_event(event))
                 elif event["type"] == "error":
-                    metrics.ERRORS.labels(self.model, "replica_failed").inc()
-                    yield sse({"error": {"message": event["error"], "type": "server_error", "code": 500}})
+                    timed_out = event.get("timed_out", False)
+                    metrics.ERRORS.labels(self.model, "timed_out" if timed_out else "replica_failed").inc()
+                    code = 504 if timed_out else 500
+                    yield sse({"error": {"message": event["error"], "type": "server_error", "code": code}})
                 else:
                     self._observe(event["result"], options)
                     yield sse(shape.last_chunk(event["result"]))
             ended = True
-        except ray.exceptions.RayError as error:
+        except (ray.exceptions.RayError, TimeoutError) as error:
             ended = True
+            ray.cancel(events)
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
         finally:
@@ -276,7 +292,7 @@ class BraidAPI:
         yield "data: [DONE]\n\n"
 
     def _failed(self, error: BaseException, options: dict) -> ApiError:
-        refused = refusal(error)
+        refused = cause(error, Refused)
         if refused is not None:
             busy = refused.status == 429
             metrics.ERRORS.labels(self.model, "refused_busy" if busy else "refused_budget").inc()
@@ -286,6 +302,11 @@ class BraidAPI:
             metrics.ERRORS.labels(self.model, "unavailable").inc()
             message = "the coordinator is restarting; retry in a few seconds"
             return ApiError(503, message, "unavailable", retry_after_s=5)
+        timed_out = cause(error, RequestTimedOut)
+        if timed_out is not None or isinstance(error, TimeoutError):
+            metrics.ERRORS.labels(self.model, "timed_out").inc()
+            message = str(timed_out) if timed_out else "the coordinator did not answer within the request's time limit"
+            return ApiError(504, message, "timeout")
         metrics.ERRORS.labels(self.model, "replica_failed").inc()
         return ApiError(500, f"the request failed: {str(error).splitlines()[0]}", "server_error")
 
