@@ -282,7 +282,8 @@ class BraidAPI:
             ended = True
         except (ray.exceptions.RayError, TimeoutError) as error:
             ended = True
-            ray.cancel(events)
+            if isinstance(error, TimeoutError):  # the coordinator stopped answering: end its stream
+                ray.cancel(events)
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
         finally:
