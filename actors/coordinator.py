@@ -332,13 +332,16 @@ class Coordinator:
 
     async def _read_loads(self) -> None:
         """Each replica's step time, as its admission model, and whether it is live: one that does
-        not answer within CALL_TIMEOUT_S (dead, restarting, stuck) gets no new requests until
-        it does again."""
+        not answer within CALL_TIMEOUT_S (dead, restarting, stuck), or whose engine step has
+        run too long (`stalled`: hung), gets no new requests until it answers, its engine moving."""
         calls = [asyncio.wait_for(r.load_dict.remote(), CALL_TIMEOUT_S) for r in self.replicas]
         for i, load in enumerate(await asyncio.gather(*calls, return_exceptions=True)):
             if not isinstance(load, dict):
                 if isinstance(load, RayActorError) and self.live[i]:  # died (not slow): its group goes
                     self._reconnect_later()
+                self.live[i] = False
+                continue
+            if load["stalled"]:
                 self.live[i] = False
                 continue
             if not self.live[i]:

@@ -50,6 +50,7 @@ REPLICA_METRICS_PORTS = 64  # replicas on one machine, at most, that get a metri
 LOAD_REFRESH_S = 0.05  # how often a replica reads its peers' loads
 STREAM_BATCH_S = 0.02  # a stream's events go out in batches at most this often (text runs merged)
 GAUGES_EVERY_S = 0.5  # how often the KV and queue gauges are set
+STALL_S = 30.0  # an engine step running this long is stuck (a hung device or kernel): the replica is not live
 
 
 @dataclass(slots=True, frozen=True)
@@ -64,6 +65,7 @@ class ReplicaLoad:
     step_ms_by_threads: dict[int, float]  # a step's time by the threads it computes (see StepTimes)
     max_step_threads: int  # threads one step computes, at most (0: no cap)
     full_rate: float  # tokens per second over recent full steps (0: none yet; see FullRate)
+    stalled: bool  # the engine step running now has run over STALL_S (a hung device or kernel)
 
     @property
     def threads(self) -> int:
@@ -173,6 +175,7 @@ class ReplicaWorker:
         self._done: dict[int, threading.Event] = {}
         self._results: dict[int, dict] = {}
         self._stop = False
+        self._step_started: float | None = None  # time.monotonic() when the running engine step began
         self._loop_thread = threading.Thread(target=self._loop, name=f"replica-{replica_id}", daemon=True)
         self._loop_thread.start()
         threading.Thread(target=self._watch_peers, name=f"replica-{replica_id}-peers", daemon=True).start()
@@ -304,8 +307,12 @@ class ReplicaWorker:
             self.replica_id, len(self._done), len(sched.running), len(sched.waiting),
             cache.num_available_blocks, cache.config.num_blocks, 1000 * self.forkjoin.step_s,
             {n: 1000 * t for n, t in self.step_times.refresh().items()}, 0 if math.isinf(cap) else int(cap),
-            self.full_rate.rate(),
+            self.full_rate.rate(), self._stalled(),
         )  # fmt: skip
+
+    def _stalled(self) -> bool:
+        started = self._step_started  # read once: the loop thread clears it
+        return started is not None and time.monotonic() - started > STALL_S
 
     def rendezvous_address(self) -> str:
         """Where the KV process group meets when this replica is rank 0 (it hosts the group's
@@ -340,9 +347,13 @@ class ReplicaWorker:
                 if i == self.replica_id:
                     continue
                 try:
-                    self.peer_loads[i] = ReplicaLoad(**ray.get(peer.load_dict.remote(), timeout=1.0))
+                    load = ReplicaLoad(**ray.get(peer.load_dict.remote(), timeout=1.0))
                 except Exception:  # a peer that does not answer takes no children
+                    load = None
+                if load is None or load.stalled:  # nor does one whose engine is stuck
                     self.peer_loads.pop(i, None)
+                else:
+                    self.peer_loads[i] = load
             time.sleep(LOAD_REFRESH_S)
 
     # ---- placing children ----------------------------------------------------------
@@ -462,7 +473,9 @@ class ReplicaWorker:
                 computing = self.engine.has_work()
                 if busy:
                     start = time.perf_counter()
+                    self._step_started = time.monotonic()
                     finished = self.forkjoin.step()
+                    self._step_started = None
                     for stream_id, stream in self._streams.items():
                         if stream_id in self.forkjoin.requests:
                             stream.update(*self.forkjoin.progress(stream_id))

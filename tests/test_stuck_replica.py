@@ -90,3 +90,28 @@ def test_a_frozen_replica_ends_its_request_at_the_time_limit(coordinator) -> Non
         with pytest.raises(ray.exceptions.RayTaskError, match="past its time limit"):
             ray.get(result, timeout=TIME_LIMIT_S + 30)
         assert time.monotonic() - started < TIME_LIMIT_S + 10
+
+
+def test_a_replica_whose_engine_step_hangs_is_not_live_until_it_moves(coordinator) -> None:
+    """Its actor still answers (the engine loop runs on a thread of its own), but a step that
+    runs past STALL_S marks it stalled: no new requests, no children from its peers."""
+    replica = ray.get_actor(replica_name(1), namespace=NAMESPACE)
+
+    def hang_one_step(self) -> None:  # runs in the replica's process
+        import actors.replica
+
+        actors.replica.STALL_S = 1.0
+
+        def once(threads, logits):
+            self.engine.logits_processor = None
+            time.sleep(6.0)
+            return logits
+
+        self.engine.logits_processor = once
+
+    ray.get(replica.__ray_call__.remote(hang_one_step))
+    stuck = replica.generate.remote("10 17 3 2>22\n", SHORT)
+    assert wait_for(lambda: health(coordinator)["live"] == 1, timeout_s=5.0)
+    assert ray.get(coordinator.generate.remote("11 19 5 2>30\n", SHORT), timeout=60)["replica"] == 0
+    assert ray.get(stuck, timeout=60)["finish_reason"]  # the step ends: so does its request
+    assert wait_for(lambda: health(coordinator)["live"] == 2)
