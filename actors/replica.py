@@ -89,11 +89,18 @@ class _Stream:
     def __init__(self) -> None:
         self.events: queue.Queue[dict] = queue.Queue()
         self.sent_chars = 0
+        self.sent_tokens = 0  # of the root's logprobs (when asked for)
         self.status: dict[int, str] = {}
 
-    def update(self, text: str, nodes: list[ThreadNode]) -> None:
-        if len(text) > self.sent_chars:
-            self.events.put({"type": "text", "text": text[self.sent_chars :]})
+    def update(self, text: str, nodes: list[ThreadNode], logprobs: dict | None = None) -> None:
+        """`logprobs`: the root's so far (`logprobs_dict`); a text event carries the new ones."""
+        new_tokens = 0 if logprobs is None else len(logprobs["token_ids"]) - self.sent_tokens
+        if len(text) > self.sent_chars or new_tokens:
+            event: dict[str, Any] = {"type": "text", "text": text[self.sent_chars :]}
+            if new_tokens:
+                event["logprobs"] = {key: values[self.sent_tokens :] for key, values in logprobs.items()}
+                self.sent_tokens += new_tokens
+            self.events.put(event)
             self.sent_chars = len(text)
         for node in nodes:
             before = self.status.get(node.thread_id)
@@ -109,10 +116,19 @@ class _Stream:
         while not self.events.empty():
             event = self.events.get_nowait()
             if event["type"] == "text" and events[-1]["type"] == "text":
-                events[-1] = {"type": "text", "text": events[-1]["text"] + event["text"]}
+                events[-1] = merge_text(events[-1], event)
             else:
                 events.append(event)
         return events
+
+
+def merge_text(first: dict, second: dict) -> dict:
+    """Two text events in a row as one (their logprobs, if any, in order)."""
+    merged = {"type": "text", "text": first["text"] + second["text"]}
+    if "logprobs" in first or "logprobs" in second:
+        a, b = first.get("logprobs"), second.get("logprobs")
+        merged["logprobs"] = {key: (a[key] if a else []) + (b[key] if b else []) for key in (a or b)}
+    return merged
 
 
 class RayRemoteChild:
@@ -133,25 +149,30 @@ class ReplicaWorker:
     def __init__(
         self, replica_id: int, model_path: str, device: str = "cpu", kv_cache_bytes: int = 256 * 2**20,
         task: str = "none", capacity: int = 16, torch_threads: int = 0, metrics_port: int | None = None,
-        max_step_threads: int | None = None, metrics_host: str = "127.0.0.1",
+        max_step_threads: int | None = None, metrics_host: str = "127.0.0.1", model_name: str | None = None,
+        dtype: str | None = None,
     ) -> None:  # fmt: skip
         """`capacity`: live threads this replica takes before its forks spill to peers;
         `metrics_port`: the first port to try for this process's Prometheus metrics (it takes the
         first free one of REPLICA_METRICS_PORTS; None: not served) on `metrics_host`; `max_step_threads`: threads
-        one engine step computes, at most, the most urgent first (None: every live thread)."""
+        one engine step computes, at most, the most urgent first (None: every live thread);
+        `model_name`: the metrics' `model` label (None: the checkpoint folder's name); `dtype`:
+        the weights' and KV's (`engine.model.resolve_dtype`; None: the checkpoint's, bf16 on CUDA)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
-        self.labels = {"model": Path(model_path).name, "replica": str(replica_id)}
+        self.labels = {"model": model_name or Path(model_path).name, "replica": str(replica_id)}
         if metrics_port is not None:
             metrics.serve_metrics(metrics_port, REPLICA_METRICS_PORTS, metrics_host)
         for counter in (metrics.TOKENS, metrics.PREFIX_HITS, metrics.TRANSFER_BYTES, metrics.TRANSFER_SECONDS):
             counter.labels(**self.labels)  # each series exists (at 0) from the start
         for where in ("local", "cached", "transfer", "recompute"):
             metrics.PLACED.labels(**self.labels, where=where)
-        self.engine = Engine(model_path, device, kv_cache_bytes=kv_cache_bytes, max_step_threads=max_step_threads)
+        self.engine = Engine(
+            model_path, device, dtype, kv_cache_bytes=kv_cache_bytes, max_step_threads=max_step_threads
+        )
         self.task = TASKS[task]
         self.forkjoin = ForkJoinEngine(self.engine, self.task.verifier, self.task.succeeded, self._offload)
         self.step_times = StepTimes()
@@ -421,7 +442,7 @@ class ReplicaWorker:
             metrics.TTFT.labels(self.labels["model"]).observe(result["first_token_s"])
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream.update(result["text"], [])
+            stream.update(result["text"], [], result["logprobs"])
             stream.events.put({"type": "result", "result": result})
         else:
             self._results[request_id] = result

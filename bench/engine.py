@@ -9,8 +9,9 @@ embedded model's size) and a larger one (~100M). Measured, each the median of re
   transformers' continuous-batching generate_batch() too, where it runs;
 - time to first token for a 512-token prompt.
 Braid's decode rates on the small config are measured twice: with its fused C++ decode
-step (the default on CPU) and with every step in PyTorch (`fused_decode=False`).
-Prints a table, then one line of JSON (speedups are Braid / generate()).
+step (the default on CPU in fp32) and with every step in PyTorch (`fused_decode=False`).
+Both run on `--device` (cpu, cuda) in `--dtype` (float32, bfloat16, float16), the same
+for both. Prints a table, then one line of JSON (speedups are Braid / generate()).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 from engine.engine import Engine
+from engine.model import DTYPES
 from engine.sampling import SamplingParams
 
 CONFIGS = {
@@ -51,8 +53,15 @@ def median_time(fn, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a time is the work's, not its launch's."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def tokens(n: int, vocab: int, seed: int) -> list[int]:
@@ -60,8 +69,8 @@ def tokens(n: int, vocab: int, seed: int) -> list[int]:
 
 
 class Braid:
-    def __init__(self, path: Path, fused_decode: bool = True) -> None:
-        self.engine = Engine(path, kv_cache_bytes=256 * 2**20, fused_decode=fused_decode)
+    def __init__(self, path: Path, device: str, dtype: str, fused_decode: bool = True) -> None:
+        self.engine = Engine(path, device, dtype, kv_cache_bytes=256 * 2**20, fused_decode=fused_decode)
 
     def decode(self, prompt: list[int], n: int) -> None:
         self.engine.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -77,6 +86,7 @@ class Braid:
         )
         while any(c.finish_reason is None for c in children):
             self.engine.step()
+        sync()
         elapsed = time.perf_counter() - start
         self.engine.cancel(root)
         return elapsed
@@ -86,14 +96,16 @@ class Braid:
 
 
 class HF:
-    def __init__(self, path: Path) -> None:
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    def __init__(self, path: Path, device: str, dtype: str) -> None:
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
 
     def generate(self, prompts: list[list[int]], n: int) -> None:
         with torch.inference_mode():
             self.model.generate(
-                torch.tensor(prompts), do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0
-            )
+                torch.tensor(prompts, device=self.device), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                pad_token_id=0,
+            )  # fmt: skip
 
     def generate_batch(self, prompts: list[list[int]], n: int) -> None:
         config = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=-1, pad_token_id=0)
@@ -101,14 +113,14 @@ class HF:
             self.model.generate_batch(prompts, generation_config=config, progress_bar=False)
 
 
-def bench(name: str, repeats: int, new_tokens: int, width: int) -> dict:
+def bench(name: str, repeats: int, new_tokens: int, width: int, device: str, dtype: str) -> dict:
     folder = make_checkpoint(name, Path(tempfile.mkdtemp(prefix=f"braid-bench-{name}-")))
-    braid, hf = Braid(folder), HF(folder)
+    braid, hf = Braid(folder, device, dtype), HF(folder, device, dtype)
     vocab = VOCAB[name]
     prompt, long_prompt = tokens(16, vocab, 1), tokens(512, vocab, 2)
     r = {"config": name}
     r["braid_b1"] = new_tokens / median_time(lambda: braid.decode(prompt, new_tokens), repeats)
-    pytorch = Braid(folder, fused_decode=False) if width else None
+    pytorch = Braid(folder, device, dtype, fused_decode=False) if width else None
     if pytorch:
         r["pytorch_b1"] = new_tokens / median_time(lambda: pytorch.decode(prompt, new_tokens), repeats)
     r["hf_b1"] = new_tokens / median_time(lambda: hf.generate([prompt], new_tokens), repeats)
@@ -135,11 +147,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    small = bench("small-3M", args.repeats, args.new_tokens, width=16)
-    large = bench("large-100M", max(1, args.repeats - 1), args.new_tokens // 2, width=0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}")
+    small = bench("small-3M", args.repeats, args.new_tokens, 16, args.device, args.dtype)
+    large = bench("large-100M", max(1, args.repeats - 1), args.new_tokens // 2, 0, args.device, args.dtype)
     print(f"{'config':<12} {'metric':<34} {'braid':>10} {'generate()':>11} {'ratio':>7} {'braid, PyTorch step':>20}")
     rows = [
         ("decode tok/s, batch 1", "braid_b1", "hf_b1", "pytorch_b1"),
@@ -158,6 +172,8 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "engine",
+                "device": args.device,
+                "dtype": args.dtype,
                 "speedup_b1": small["braid_b1"] / small["hf_b1"],
                 "speedup_b16": small["braid_b16"] / small["hf_b16"],
                 "speedup_large_b1": large["braid_b1"] / large["hf_b1"],

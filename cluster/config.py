@@ -12,6 +12,7 @@ import ray
 from actors.coordinator import COORDINATOR_NAME, NAMESPACE, POLICIES, Coordinator, get_coordinator, replica_name
 from actors.replica import Replica
 from actors.tasks import TASKS
+from engine.model import DTYPES
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "countdown" / "model")
 # The replicas' handles, held by the process that started them. Ray frees an actor when its
@@ -23,6 +24,8 @@ _STARTED_REPLICAS: list[Any] = []
 @dataclass(slots=True, frozen=True)
 class ClusterConfig:
     model_path: str = DEFAULT_MODEL
+    served_model_name: str | None = None  # the name clients ask for (None: the checkpoint folder's name)
+    dtype: str | None = None  # bfloat16, float16 or float32 (None: the checkpoint's; bf16 on CUDA; fp32 on CPUs)
     num_replicas: int = 1
     replica_cpus: float = 1.0  # per replica when there is no GPU
     replica_gpus: float = 0.0  # 1 on GPU clusters: one replica per GPU
@@ -56,10 +59,17 @@ class ClusterConfig:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES)}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.max_step_threads < 1:
             raise ValueError(f"max_step_threads must be >= 1, got {self.max_step_threads}")
+
+    @property
+    def model_name(self) -> str:
+        """What `/v1/models` lists and the metrics' `model` label says."""
+        return self.served_model_name or Path(self.model_path).name
 
 
 def start(config: ClusterConfig) -> Any:
@@ -88,6 +98,8 @@ def start(config: ClusterConfig) -> Any:
             port,
             step_cap,
             config.metrics_host,
+            config.model_name,
+            config.dtype,
         )
         for i in range(config.num_replicas)
     ]

@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica it starts")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded Countdown model); "
                         "if Braid is running, must match it")  # fmt: skip
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="weights and KV of the replicas it starts (default: the checkpoint's)")  # fmt: skip
     return parser
 
 
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(ignore_reinit_error=True)  # under `ray job submit`: the job's cluster; else a local one
     asked = {"num_replicas": args.replicas, "model_path": args.model and str(Path(args.model).resolve())}
     asked = {k: v for k, v in asked.items() if v is not None}
-    config = ClusterConfig(replica_gpus=args.replica_gpus, replica_cpus=args.replica_cpus, **asked)
+    config = ClusterConfig(replica_gpus=args.replica_gpus, replica_cpus=args.replica_cpus, dtype=args.dtype, **asked)
     try:
         coordinator = connect_or_start(config, must_match=tuple(asked))
     except ValueError as error:

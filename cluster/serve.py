@@ -48,11 +48,12 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from tokenizers import Tokenizer
+from starlette.exceptions import HTTPException
 
 from actors import metrics
 from actors.coordinator import Refused, RequestTimedOut, cause, next_event, time_limit_s
 from actors.tasks import TASKS
+from cluster.answers import Shape, good_answer, sla_outcome, sse
 from cluster.auth import (
     GENERATED_KEY_FILE,
     KEYS_ENV,
@@ -65,12 +66,12 @@ from cluster.auth import (
     read_keys,
 )
 from cluster.config import ClusterConfig, connect_or_start, init_ray
-from cluster.wire import BraidFields, ChatRequest, CompletionRequest, Shape, good_answer, sla_outcome, sse
+from cluster.prompts import Prompter, PromptError
+from cluster.wire import DEFAULT_MAX_TOKENS, BraidFields, ChatRequest, CompletionRequest
 
 # Serve kills a proxy that is not ready within 5 s; a loaded laptop or a 2-core CI machine
 # can take longer to start one. Applied to the local clusters `braid serve` (and the tests) start.
 PATIENT_SERVE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
-MAX_PROMPT_TOKENS = 4096
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413) before it is parsed
 MAX_INGRESS_REQUESTS = 4096  # requests one ingress replica takes in at once (admission is the coordinator's)
 HEALTH_TIMEOUT_S = 5.0  # the coordinator's health for /readyz and the metrics, at most this long
@@ -131,11 +132,38 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return error_response(400, message, "invalid_request_error", where)
 
 
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """FastAPI's own errors (an unknown path, a wrong method) in OpenAI's shape too."""
+    return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     if exc.status in (400, 404):  # 401 and 429 are counted where they are raised
         bad_request(request)
     return error_response(exc.status, exc.message, exc.kind, exc.param, exc.retry_after_s)
+
+
+async def merged(streams: list[Any], end: float) -> AsyncIterator[tuple[int, dict]]:
+    """(index, event) from several coordinator streams as they come, each stream's in order;
+    TimeoutError at `end` (time.time()). (Above the deployment: Serve pickles the class by
+    value when it is decorated, with the module globals defined by then.)"""
+    pending = {asyncio.ensure_future(next_event(stream)): i for i, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=end - time.time(), return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError
+            for task in done:
+                index = pending.pop(task)
+                event = task.result()
+                if event is not None:
+                    pending[asyncio.ensure_future(next_event(streams[index]))] = index
+                    yield index, event
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 # Serve's own default (a handful of requests per ingress replica, the rest queued in front of
@@ -149,9 +177,9 @@ class BraidAPI:
         if config.detached:  # a cluster that outlives this process stops once this app is gone
             config = dataclasses.replace(config, serve_app=serve.get_replica_context().app_name)
         self.config = config
-        self.model = api.state.model = Path(config.model_path).name
+        self.model = api.state.model = config.model_name
         self.defaults = defaults
-        self.tokenizer = Tokenizer.from_file(str(Path(config.model_path) / "tokenizer.json"))
+        self.prompter = Prompter(config.model_path)
         if config.metrics_port is not None:
             metrics.serve_metrics(config.metrics_port, host=config.metrics_host)
         # A cluster running with another configuration (a redeploy: `serve deploy` with a new
@@ -161,6 +189,7 @@ class BraidAPI:
             metrics.report_cluster_health(self._health, self.model)
 
     @api.get("/healthz")
+    @api.get("/health")  # vLLM's name for it
     def healthz(self) -> dict:
         return {"status": "ok"}
 
@@ -190,12 +219,12 @@ class BraidAPI:
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, authorization: str | None = Header(None)) -> Any:
         received = time.time()  # the request's latency budget counts from here
-        return await self._answer(body, body.prompt, chat=False, key=self._admit(authorization), received=received)
+        return await self._answer(body, chat=False, key=self._admit(authorization), received=received)
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, authorization: str | None = Header(None)) -> Any:
         received = time.time()
-        return await self._answer(body, body.prompt(), chat=True, key=self._admit(authorization), received=received)
+        return await self._answer(body, chat=True, key=self._admit(authorization), received=received)
 
     def _admit(self, authorization: str | None) -> str | None:
         try:
@@ -206,84 +235,106 @@ class BraidAPI:
             retry = None if denied.status == 401 else 1.0
             raise ApiError(denied.status, denied.message, kind, retry_after_s=retry) from None
 
-    async def _answer(self, body: BraidFields, prompt: str, chat: bool, key: str | None, received: float) -> Any:
+    async def _answer(self, body: BraidFields, chat: bool, key: str | None, received: float) -> Any:
         """The answer; `key` (admitted) is released when it is complete, for a stream at its end."""
         response = None
         try:
-            response = await self._respond(body, prompt, chat, key, received)
+            response = await self._respond(body, chat, key, received)
             return response
         finally:
             if not isinstance(response, StreamingResponse):
                 self.keys.release(key)
 
-    async def _respond(self, body: BraidFields, prompt: str, chat: bool, key: str | None, received: float) -> Any:
+    async def _respond(self, body: BraidFields, chat: bool, key: str | None, received: float) -> Any:
         if body.model is not None and body.model != self.model:
             raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.model!r}",
                            param="model")  # fmt: skip
-        if len(self.tokenizer.encode(prompt).ids) > MAX_PROMPT_TOKENS:
-            raise ApiError(400, f"the prompt is over {MAX_PROMPT_TOKENS} tokens", param="prompt")
         try:
-            options = body.options(self.defaults)
+            if isinstance(body, ChatRequest):
+                prompts = [self.prompter.chat(body.chat())]
+            else:
+                prompts = [self.prompter.completion(prompt) for prompt in body.prompts()]
+            self.prompter.check(prompts)
+            options = body.options(self.defaults, body.requested_tokens() or DEFAULT_MAX_TOKENS)
+        except PromptError as error:
+            raise ApiError(400, str(error), param="messages" if chat else "prompt") from error
         except ValueError as error:
             raise ApiError(400, str(error)) from error
+        # Choice i answers prompt i // n; with a seed, each of a prompt's n choices gets its own.
+        seed = options["sampling"]["seed"]
+        choices = [
+            (prompt, options if seed is None else {**options, "sampling": {**options["sampling"], "seed": seed + j}})
+            for prompt in prompts for j in range(body.n)
+        ]  # fmt: skip
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        shape = Shape(request_id, self.model, chat, options, body.timeline)
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        shape = Shape(request_id, self.model, chat, options, body.n, body.timeline, include_usage,
+                      self.prompter.token_text)  # fmt: skip
         end = received + time_limit_s(options, self.config.request_timeout_s) + INGRESS_GRACE_S  # time.time()
         if body.stream:
-            events = self.coordinator.stream.remote(prompt, options, received)
-            try:  # admitted: a refusal raises here, before the 200 is sent
-                await asyncio.wait_for(next_event(events), end - time.time())
+            streams = [self.coordinator.stream.remote(p, o, received) for p, o in choices]
+            try:  # each admitted: a refusal raises here, before the 200 is sent
+                await asyncio.wait_for(asyncio.gather(*[next_event(s) for s in streams]), end - time.time())
             except (ray.exceptions.RayError, TimeoutError) as error:
+                for stream in streams:
+                    ray.cancel(stream)
                 raise self._failed(error, options) from error
-            return StreamingResponse(self._stream(events, options, shape, key, end), media_type="text/event-stream")
-        call = self.coordinator.generate.remote(prompt, options, received)
+            stream = self._stream(streams, options, shape, body.thread_events, key, end)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        calls = [self.coordinator.generate.remote(p, o, received) for p, o in choices]
         try:
-            result = await asyncio.wait_for(call, end - time.time())
-        except TimeoutError as error:  # the coordinator did not answer (its own limit ends requests first)
-            ray.cancel(call, recursive=False)
-            raise self._failed(error, options) from error
-        except asyncio.CancelledError:  # the client went away (Serve cancels its request): so does the work
-            # Not recursive: the coordinator ends the request on its replica itself, and a
+            results = await asyncio.wait_for(asyncio.gather(*calls), end - time.time())
+        except BaseException as error:
+            # Not recursive: the coordinator ends each request on its replica itself, and a
             # recursive cancel could cancel that very call on its way.
-            ray.cancel(call, recursive=False)
-            metrics.ERRORS.labels(self.model, "client_gone").inc()
+            for call in calls:
+                ray.cancel(call, recursive=False)
+            if isinstance(error, asyncio.CancelledError):  # the client went away (Serve cancels its request)
+                metrics.ERRORS.labels(self.model, "client_gone").inc()
+                raise
+            if isinstance(error, ray.exceptions.TaskCancelledError):  # the same, Serve's cancel first
+                metrics.ERRORS.labels(self.model, "client_gone").inc()
+                raise asyncio.CancelledError from error
+            if isinstance(error, ray.exceptions.RayError | TimeoutError):
+                raise self._failed(error, options) from error
             raise
-        except ray.exceptions.TaskCancelledError as error:  # the same, with Serve's cancel reaching the call first
-            metrics.ERRORS.labels(self.model, "client_gone").inc()
-            raise asyncio.CancelledError from error
-        except ray.exceptions.RayError as error:
-            raise self._failed(error, options) from error
-        self._observe(result, options)
-        return shape.response(result)
+        for result in results:
+            self._observe(result, options)
+        return shape.response(results)
 
     async def _stream(
-        self, events: Any, options: dict, shape: Shape, key: str | None, end: float
+        self, streams: list[Any], options: dict, shape: Shape, thread_events: bool, key: str | None, end: float
     ) -> AsyncIterator[str]:
-        """The stream of an admitted request (`events`: the coordinator's, past its "admitted"),
-        given up at `end` (time.time()) if the coordinator stops answering.
-        When the client goes away mid-stream, Serve cancels this request, and Ray the tasks it
-        started (recursively) down to the replica's stream, which cancels the request there:
-        its threads stop and their KV is freed."""
+        """The stream of admitted choices (`streams`: the coordinator's, past their "admitted"),
+        given up at `end` (time.time()) if the coordinator stops answering. When the client
+        goes away mid-stream, Serve cancels this request, and Ray the tasks it started
+        (recursively) down to the replicas' streams, which cancels the requests there: their
+        threads stop and their KV is freed."""
         ended = False
+        results: dict[int, dict] = {}
         try:
-            while (event := await asyncio.wait_for(next_event(events), end - time.time())) is not None:
+            async for index, event in merged(streams, end):
                 if event["type"] == "text":
-                    yield sse(shape.chunk(event["text"]))
+                    yield sse(shape.chunk(index, event["text"], event.get("logprobs")))
                 elif event["type"] == "thread":
-                    yield sse(shape.thread_event(event))
+                    if thread_events:
+                        yield sse(shape.thread_event(index, event))
                 elif event["type"] == "error":
                     timed_out = event.get("timed_out", False)
                     metrics.ERRORS.labels(self.model, "timed_out" if timed_out else "replica_failed").inc()
                     code = 504 if timed_out else 500
                     yield sse({"error": {"message": event["error"], "type": "server_error", "code": code}})
                 else:
+                    results[index] = event["result"]
                     self._observe(event["result"], options)
-                    yield sse(shape.last_chunk(event["result"]))
+                    yield sse(shape.finish_chunk(index, event["result"]))
             ended = True
+            if shape.include_usage and results:
+                yield sse(shape.usage_chunk(results))
         except (ray.exceptions.RayError, TimeoutError) as error:
             ended = True
-            if isinstance(error, TimeoutError):  # the coordinator stopped answering: end its stream
-                ray.cancel(events)
+            for stream in streams:  # the rest of the request goes with the failed part
+                ray.cancel(stream)
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
         finally:
@@ -351,7 +402,7 @@ def build(args: dict[str, Any]) -> serve.Application:
     access = Access(max_in_flight_per_key=int(args.pop("max_in_flight_per_key", MAX_IN_FLIGHT_PER_KEY)))
     if not isinstance(defaults, dict) or set(defaults) - set(REQUEST_DEFAULTS):
         raise ValueError(f"defaults must be a mapping of {', '.join(REQUEST_DEFAULTS)}; got {defaults!r}")
-    BraidFields(**defaults).options({})  # checked as a request's own options would be
+    BraidFields(**defaults).options({}, DEFAULT_MAX_TOKENS)  # checked as a request's own options would be
     fields = ClusterConfig.__dataclass_fields__
     unknown = set(args) - set(fields)
     if unknown:
@@ -377,6 +428,10 @@ def _parse(kind: Any, value: Any) -> Any:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="braid serve", description="Serve Braid over HTTP (OpenAI API).")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the embedded Countdown model)")
+    parser.add_argument("--served-model-name", default=None, help="the name clients ask for (default: the "
+                        "checkpoint folder's name)")  # fmt: skip
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="weights and KV (default: the checkpoint's; bf16 for an fp32 one on CUDA)")  # fmt: skip
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -403,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     where = init_ray(args.address)
     config = ClusterConfig(
         num_replicas=args.replicas,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         **({"model_path": args.model} if args.model else {}),
@@ -410,9 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(BraidAPI.bind(config, task_defaults(config.task), access), name="braid")
     ports = [args.metrics_port + i for i in range(args.replicas + 1)]
-    metrics.targets_file(args.targets, "127.0.0.1", ports, Path(config.model_path).name)
+    metrics.targets_file(args.targets, "127.0.0.1", ports, config.model_name)
     url = f"http://{args.host}:{args.port}"
-    print(f"Braid is serving {Path(config.model_path).name} at {url}/v1 ({args.replicas} replica(s), on {where}).")
+    print(f"Braid is serving {config.model_name} at {url}/v1 ({args.replicas} replica(s), on {where}).")
     auth = "" if args.no_auth else f"-H \"Authorization: Bearer $(cat {keys_file})\" " if keys_file else \
         "-H \"Authorization: Bearer $BRAID_API_KEY\" "  # fmt: skip
     print(f"  try: curl {url}/v1/completions {auth}-H 'Content-Type: application/json' "

@@ -1,47 +1,66 @@
-"""What goes over the wire: request bodies as the OpenAI API has them plus Braid's own fields
-(validated by pydantic), and OpenAI-shaped answers, stream chunks and thread events.
+"""Request bodies as the OpenAI API has them, plus Braid's own fields, validated by pydantic
+(the answers' shapes: `cluster.answers`).
 
 (No `from __future__ import annotations` here: FastAPI reads these models' annotations at
 run time.)
 """
 
-import json
-import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from cluster.timeline import render_svg
 from engine.protocols import PROTOCOLS
+from engine.sampling import MAX_LOGPROBS
 from engine.threads import JOIN_POLICIES, MAX_LATENCY_S
 
 MAX_TOKENS = 8192
+DEFAULT_MAX_TOKENS = 1024  # a request that gives no limit: this many tokens, over all its threads
+MAX_CHOICES = 16  # choices per request: prompts x n
 # `stop` strings are looked for at every token a thread writes, under the engine's lock:
 # as many as OpenAI allows, and short.
 MAX_STOPS = 4
 MAX_STOP_CHARS = 256
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False  # usage in one last chunk, with no choices
+
+
 class BraidFields(BaseModel):
-    """Braid's own fields, and the OpenAI sampling fields Braid honours."""
+    """The fields both endpoints share: OpenAI's (honoured, or accepted where they ask for
+    nothing Braid would do differently, else refused by name) and Braid's own."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    max_tokens: int = Field(1024, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    n: Literal[1] = 1
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    # Accepted, and nothing to do: who asks, and OpenAI's own bookkeeping.
     user: str | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    # Accepted at the values that change nothing (`_neutral`).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    # Braid's own.
     max_latency_s: float | None = Field(None, gt=0.0, le=MAX_LATENCY_S)
     max_threads: int | None = Field(None, ge=1, le=256)
     max_depth: int | None = Field(None, ge=0, le=8)
     protocol: str | None = None
     join_policy: str | None = None
+    thread_events: bool = False  # a stream also carries an event per thread forked or ended
     timeline: bool = False  # the answer's `braid.timeline_svg`: its thread timeline as an SVG picture
 
     @field_validator("stop")
@@ -54,8 +73,33 @@ class BraidFields(BaseModel):
             raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
         return stop
 
-    def options(self, defaults: dict[str, Any]) -> dict[str, Any]:
-        """Braid options for the coordinator (a ValueError names a bad value)."""
+    @model_validator(mode="after")
+    def _neutral(self) -> "BraidFields":
+        """A field Braid cannot honour is refused by name, not ignored."""
+        for name, value, neutral in self.unsupported():
+            if value != neutral and not (neutral is None and not value):
+                shown = "not set" if neutral is None else repr(neutral)
+                raise ValueError(f"{name}={value!r} is not supported by Braid (only {shown})")
+        return self
+
+    def unsupported(self) -> list[tuple[str, Any, Any]]:
+        """(field, its value, the one value Braid takes); None: unset or empty."""
+        return [
+            ("frequency_penalty", self.frequency_penalty, 0.0), ("presence_penalty", self.presence_penalty, 0.0),
+            ("repetition_penalty", self.repetition_penalty, 1.0), ("logit_bias", self.logit_bias, None),
+        ]  # fmt: skip
+
+    def requested_tokens(self) -> int | None:
+        """The completion's token limit the request gave (None: none)."""
+        return self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        """How many likeliest tokens to report with each token's logprob (None: no logprobs)."""
+        return None
+
+    def options(self, defaults: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+        """Braid options for the coordinator (a ValueError names a bad value), with the
+        completion's token limit `max_tokens` (checked against the context by the caller)."""
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
         if self.join_policy is not None and self.join_policy not in JOIN_POLICIES:
@@ -66,119 +110,86 @@ class BraidFields(BaseModel):
             "max_depth": self.max_depth, "max_latency_s": self.max_latency_s,
         }  # fmt: skip
         options = {**defaults, **{k: v for k, v in chosen.items() if v is not None}}
-        options["max_total_tokens"] = self.max_tokens
+        options["max_total_tokens"] = max_tokens
         options["sampling"] = {
-            "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-            "top_k": self.top_k, "seed": self.seed, "stop": tuple(stop),
+            "max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "seed": self.seed, "stop": tuple(stop), "logprobs": self.logprobs_count(),
         }  # fmt: skip
         return options
 
 
 class CompletionRequest(BraidFields):
-    prompt: str = Field(min_length=1)
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the likeliest tokens to report per token
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompts(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and (not prompt or not all(isinstance(p, str) for p in prompt)):
+            raise ValueError("a list of prompts must hold 1 or more strings (token-id prompts are not supported)")
+        if any(not p for p in ([prompt] if isinstance(prompt, str) else prompt)):
+            raise ValueError("a prompt must not be empty")
+        return prompt
+
+    @model_validator(mode="after")
+    def _choices(self) -> "CompletionRequest":
+        choices = len(self.prompts()) * self.n
+        if choices > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices a request (prompts x n), got {choices}")
+        return self
+
+    def unsupported(self) -> list[tuple[str, Any, Any]]:
+        return [*super().unsupported(), ("echo", self.echo, False), ("suffix", self.suffix, None),
+                ("best_of", self.best_of, None if self.best_of is None else self.n)]  # fmt: skip
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class ChatRequest(BraidFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)  # what the SDK sends today
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
-    def prompt(self) -> str:
-        """The models Braid ships have no chat template: the prompt is the messages' text in order."""
-        return "".join(m.content for m in self.messages)
+    def unsupported(self) -> list[tuple[str, Any, Any]]:
+        text_only = None if self.response_format in (None, {"type": "text"}) else self.response_format
+        no_tool = None if self.tool_choice in (None, "none", "auto") else self.tool_choice
+        return [*super().unsupported(), ("tools", self.tools, None), ("tool_choice", no_tool, None),
+                ("response_format", text_only, None)]  # fmt: skip
 
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
-def sla_outcome(result: dict, options: dict) -> str | None:
-    """How a request with a latency budget did (None: it had none): "met" when it ended on its
-    own (its answer, a stop) inside the budget; "late" when it ended on its own after it;
-    "truncated" when it was cut (at its deadline, or at its token or KV limit) — a miss
-    however soon it came back."""
-    budget = options.get("max_latency_s")
-    if budget is None:
-        return None
-    if result["finish_reason"] != "stop":
-        return "truncated"
-    return "met" if result["latency_s"] <= budget else "late"
+    def logprobs_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
-
-def good_answer(result: dict, options: dict) -> bool:
-    """Whether a request counts toward goodput: it ended on its own, inside its budget if it had
-    one, and its answer passed the task's check if there is one (`accepted`)."""
-    return result["finish_reason"] == "stop" and sla_outcome(result, options) in (None, "met") and \
-        result.get("accepted") is not False  # fmt: skip
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-class Shape:
-    """OpenAI's response and chunk objects for one request."""
-
-    def __init__(self, request_id: str, model: str, chat: bool, options: dict, timeline: bool = False) -> None:
-        self.id, self.model, self.chat, self.options, self.timeline = request_id, model, chat, options, timeline
-        self.created = int(time.time())
-        self.started = False
-
-    def _base(self, chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def _choice(self, text: str, finish_reason: str | None, chunk: bool) -> dict:
-        if not self.chat:
-            return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
-        if chunk:
-            delta: dict[str, str] = {"content": text} if text else {}
-            if not self.started:
-                delta["role"] = "assistant"
-                self.started = True
-            return {"index": 0, "delta": delta, "finish_reason": finish_reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
-
-    def braid(self, result: dict) -> dict:
-        outcome = sla_outcome(result, self.options)
-        braid = {
-            "finish_reason": result["finish_reason"],
-            "latency_s": result["latency_s"],
-            "replica": result["replica"],
-            "critical_path_tokens": result["usage"]["critical_path_tokens"],
-            "sla": {
-                "max_latency_s": self.options.get("max_latency_s"),
-                "met": None if outcome is None else outcome == "met",
-                "outcome": outcome,
-                "predicted_latency_s": result.get("predicted_latency_s"),
-            },
-            "fanout_cap": result.get("fanout_cap"),
-            "accepted": result.get("accepted"),
-            "threads": result["threads"],
-        }
-        if self.timeline:
-            braid["timeline_svg"] = render_svg(result)
-        return braid
-
-    @staticmethod
-    def usage(result: dict) -> dict:
-        u = result["usage"]
-        return {"prompt_tokens": u["prompt_tokens"], "completion_tokens": u["generated_tokens"],
-                "total_tokens": u["total_tokens"]}  # fmt: skip
-
-    @staticmethod
-    def finish_reason(result: dict) -> str:
-        return "stop" if result["finish_reason"] == "stop" else "length"  # deadline, out_of_blocks: cut short
-
-    def response(self, result: dict) -> dict:
-        choice = self._choice(result["text"], self.finish_reason(result), chunk=False)
-        return {**self._base(False), "choices": [choice], "usage": self.usage(result), "braid": self.braid(result)}
-
-    def chunk(self, text: str) -> dict:
-        return {**self._base(True), "choices": [self._choice(text, None, chunk=True)]}
-
-    def thread_event(self, event: dict) -> dict:
-        return {**self._base(True), "choices": [], "braid": {k: v for k, v in event.items() if k != "type"}}
-
-    def last_chunk(self, result: dict) -> dict:
-        choice = self._choice("", self.finish_reason(result), chunk=True)
-        return {**self._base(True), "choices": [choice], "usage": self.usage(result), "braid": self.braid(result)}
+    def chat(self) -> list[dict[str, str]]:
+        """The messages as a chat template takes them."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from cache_service import OutOfBlocks
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import Chunk, ModelRunner
-from engine.sampling import SamplingParams, sample
+from engine.sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from engine.scheduler import Scheduler, Thread, ThreadState
 
 
@@ -46,6 +46,7 @@ class GenerationOutput:
     text: str
     finish_reason: str
     num_preemptions: int
+    logprobs: list[TokenLogprob] | None = None  # one per token of `token_ids`, when asked for
 
 
 class Engine:
@@ -53,7 +54,7 @@ class Engine:
         self,
         model_path: str | Path,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = None,  # None: the checkpoint's (bf16 for fp32 ones on CUDA)
         kv_cache_bytes: int = 512 * 2**20,
         block_size: int = 16,
         max_num_batched_tokens: int = 1024,
@@ -70,6 +71,7 @@ class Engine:
         tokenizer_file = path / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file)) if tokenizer_file.exists() else None
         self.eos_token_ids = set(self.runner.model.args.eos_token_ids) | _generation_eos(path)
+        self.max_context = self.runner.model.args.max_context
         self.threads: dict[int, Thread] = {}
         self._seeds = random.Random(seed)
         # Rewrites a step's logits (B, vocab) for its sampling threads; tests force scripts with it.
@@ -94,6 +96,8 @@ class Engine:
         vocab = self.runner.model.args.vocab_size
         if not all(0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_context:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; the model's context is {self.max_context}")
         thread = self._new_thread(token_ids, sampling or SamplingParams())
         self.scheduler.add(thread)
         return thread
@@ -190,6 +194,12 @@ class Engine:
                 logits = self.logits_processor([threads[i] for i in ready], logits)
             tokens = sample(logits, sampling, [threads[i].generator for i in ready])
             self.last_step_tokens = len(tokens)
+            asking = [j for j, i in enumerate(ready) if threads[i].logprobs is not None]
+            if asking:
+                counts = [threads[ready[j]].sampling.logprobs for j in asking]
+                found = token_logprobs(logits[asking], [tokens[j] for j in asking], counts)
+                for j, entry in zip(asking, found, strict=True):
+                    threads[ready[j]].logprobs.append(entry)
             events.extend(self._accept(threads[i], token) for i, token in zip(ready, tokens, strict=True))
         return events
 
@@ -211,12 +221,13 @@ class Engine:
             text=thread.detokenizer.text if thread.detokenizer else "",
             finish_reason=thread.finish_reason or "",
             num_preemptions=thread.num_preemptions,
+            logprobs=None if thread.logprobs is None else list(thread.logprobs),
         )
 
     # ---- internals -----------------------------------------------------------------
 
     def _new_thread(self, token_ids: list[int], sampling: SamplingParams) -> Thread:
-        generator = torch.Generator()
+        generator = torch.Generator(device=self.runner.device)  # sampling runs where the logits are
         generator.manual_seed(sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63))
         thread = Thread(
             thread_id=self.scheduler.new_thread_id(),
@@ -225,6 +236,7 @@ class Engine:
             sampling=sampling,
             generator=generator,
             detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer else None,
+            logprobs=[] if sampling.logprobs is not None else None,
         )
         self.threads[thread.thread_id] = thread
         return thread
@@ -240,7 +252,7 @@ class Engine:
         reason = None
         if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
-        elif thread.num_generated >= params.max_new_tokens:
+        elif thread.num_generated >= params.max_new_tokens or len(thread.token_ids) >= self.max_context:
             reason = "length"
         if reason and detok:
             text += detok.flush()

@@ -47,6 +47,7 @@ from engine.threads import (
     ThreadNode,
     Usage,
     critical_path,
+    logprobs_dict,
 )
 
 
@@ -171,10 +172,12 @@ class ForkJoinEngine:
     def has_work(self) -> bool:
         return bool(self.requests)
 
-    def progress(self, request_id: int) -> tuple[str, list[ThreadNode]]:
-        """A running request's root text so far and its thread tree (for streaming)."""
+    def progress(self, request_id: int) -> tuple[str, list[ThreadNode], dict | None]:
+        """A running request's root text so far, its thread tree and the root's logprobs (if
+        asked for; see `logprobs_dict`), for streaming."""
         req = self.requests[request_id]
-        return (req.root.detokenizer.text if req.root.detokenizer else ""), list(req.nodes.values())
+        text = req.root.detokenizer.text if req.root.detokenizer else ""
+        return text, list(req.nodes.values()), logprobs_dict(req.root.output_ids, req.root.logprobs)
 
     def cancel(self, request_id: int) -> None:
         """End a request now (its threads cancelled, KV freed); the next step returns it."""
@@ -296,7 +299,7 @@ class ForkJoinEngine:
             left_s = max(join_at - req.now(), 1e-3)
             if self.step_s > 0 and left_s / self.step_s < limit:
                 limit = max(1, int(left_s / self.step_s))
-        sampling = replace(req.options.sampling, max_new_tokens=limit)
+        sampling = replace(req.options.sampling, max_new_tokens=limit, logprobs=None)  # the root's alone
         options = replace(req.options, sampling=sampling, max_latency_s=left_s)
         header = self.engine.encode(text)
         remote = None
@@ -539,6 +542,7 @@ class ForkJoinEngine:
             usage=usage,
             cache=dict(req.cache_peak),
             first_token_s=req.first_token_s,
+            logprobs=logprobs_dict(req.root.output_ids, req.root.logprobs),
         )
 
     def _note_cache(self, req: _Request) -> None:

@@ -14,16 +14,21 @@ model is plain functions over fused weights, measured in `bench/engine.py`:
   rotate-half layout (i, i + D/2) to adjacent pairs (2i, 2i + 1). Dot products are
   unchanged by permuting q and k alike, so logits are exactly those of the checkpoint;
   K in the cache is stored in that layout (internal to Braid).
+
+Loading reads one tensor at a time from the safetensors files, straight onto the device in
+the serving dtype, and builds each layer's fused weights before the next is read: the peak
+is the model plus one layer's temporaries, never a second copy of the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -46,6 +51,7 @@ class ModelArgs:
     rms_norm_eps: float
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
+    max_context: int  # positions the model was made for: a thread's context ends there
 
     @classmethod
     def from_hf(cls, config: PretrainedConfig) -> ModelArgs:
@@ -66,6 +72,7 @@ class ModelArgs:
             rms_norm_eps=config.rms_norm_eps,
             tie_word_embeddings=bool(config.tie_word_embeddings),
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+            max_context=config.max_position_embeddings,
         )
 
 
@@ -104,7 +111,10 @@ class LayerWeights:
 
 
 class CausalLM:
-    def __init__(self, args: ModelArgs, state: dict[str, torch.Tensor], inv_freq: torch.Tensor, scale: float) -> None:
+    def __init__(
+        self, args: ModelArgs, state: Mapping[str, torch.Tensor], inv_freq: torch.Tensor, scale: float
+    ) -> None:
+        """`state`: the checkpoint's tensors by name (each read once: `CheckpointTensors` loads on read)."""
         self.args = args
         d = args.head_dim
 
@@ -154,7 +164,7 @@ class CausalLM:
             )
         self.embed = state["model.embed_tokens.weight"]
         self.norm = state["model.norm.weight"]
-        self.lm_head = state["model.embed_tokens.weight"] if args.tie_word_embeddings else state["lm_head.weight"]
+        self.lm_head = self.embed if args.tie_word_embeddings else state["lm_head.weight"]
         self.inv_freq = inv_freq  # (D/2,) fp32, kept out of any dtype cast
         self.rope_scale = scale
 
@@ -204,22 +214,65 @@ class CausalLM:
 
     __call__ = forward
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: str) -> CausalLM:
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None, device: str) -> CausalLM:
+        """The checkpoint at `path` on `device`, in `dtype` (see `resolve_dtype`)."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint folder (no config.json)")
         config = AutoConfig.from_pretrained(path)
         args = ModelArgs.from_hf(config)
+        state = CheckpointTensors(path, resolve_dtype(dtype, config, device), device)
+        inv_freq, scale = rope_inv_freq(config, args.head_dim)
+        return cls(args, state, inv_freq.to(device), scale)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: PretrainedConfig, device: str) -> torch.dtype:
+    """The serving dtype: `dtype` as given (a name of DTYPES), or None: the checkpoint's own,
+    except that an fp32 checkpoint serves in bf16 on CUDA (half the memory and time)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    saved = getattr(config, "dtype", None) or torch.float32
+    if not isinstance(saved, torch.dtype):  # a name, as config.json has it
+        saved = DTYPES.get(str(saved).removeprefix("torch."), torch.float32)
+    return torch.bfloat16 if saved == torch.float32 and str(device).startswith("cuda") else saved
+
+
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors by name, each read from its safetensors file when asked for,
+    onto `device` in `dtype` (floating-point tensors); nothing is kept here."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, device: str) -> None:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {path}")
-        state: dict[str, torch.Tensor] = {}
+        self.dtype, self.device = dtype, device
+        self.where: dict[str, Path] = {}
         for file in files:
-            state.update(load_file(file))
-        state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in state.items()}
-        inv_freq, scale = rope_inv_freq(config, args.head_dim)
-        return cls(args, state, inv_freq.to(device), scale)
+            with safe_open(file, framework="pt") as f:
+                self.where.update(dict.fromkeys(f.keys(), file))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self.where[name], framework="pt", device=str(self.device)) as f:
+            tensor = f.get_tensor(name)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 def matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -27,13 +27,14 @@ class ModelRunner:
         self,
         model_path: str | Path,
         device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype | None = None,
         kv_cache_bytes: int = 512 * 2**20,
         block_size: int = 16,
         fused_decode: bool = True,
     ) -> None:
         self.device = device
         self.model = CausalLM.from_pretrained(model_path, dtype=dtype, device=device)
+        dtype = self.model.dtype  # resolved: None is the checkpoint's (see `engine.model.resolve_dtype`)
         self.decode_step = decode_step.build(self.model) if fused_decode else None  # CPU fp32 only
         args = self.model.args
         probe = CacheConfig(args.num_layers, args.num_kv_heads, args.head_dim, 1, block_size, dtype, device)

@@ -29,7 +29,7 @@ import torch
 from cache_service import KVCache, Sequence
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_runner import Chunk
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, TokenLogprob
 
 
 class ThreadState(Enum):
@@ -55,11 +55,14 @@ class Thread:
     output_ids: list[int] = field(default_factory=list)  # generated and inserted tokens
     keep_kv: bool = False  # on finish keep the sequence (a join will merge it); Engine.release frees it
     deadline: float = math.inf  # when its request must have answered (the fork-join clock); inf: no budget
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when its sampling asks (`logprobs`)
 
     def insert(self, token_ids: list[int]) -> None:
         """Add tokens the thread did not sample (a join's text, a child's path) to its context."""
         self.token_ids.extend(token_ids)
         self.output_ids.extend(token_ids)
+        if self.logprobs is not None:
+            self.logprobs.extend(TokenLogprob(None) for _ in token_ids)
         if self.detokenizer is not None:
             self.detokenizer.add(list(token_ids))
 

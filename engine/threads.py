@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, TokenLogprob
 
 JOIN_POLICIES = ("all", "first_success", "vote")
 MAX_LATENCY_S = 3600.0
@@ -100,9 +100,20 @@ class ForkJoinResult:
     usage: Usage
     cache: dict[str, int]  # peak KV figures seen at forks and joins: used/shared/branch blocks, bytes
     first_token_s: float | None = None  # seconds from submission to the root's first token
+    logprobs: dict | None = None  # the root's tokens' logprobs, when asked for (see `logprobs_dict`)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def logprobs_dict(token_ids: list[int], logprobs: list[TokenLogprob] | None) -> dict | None:
+    """A thread's output tokens with their logprobs, as plain lists (for the wire): `token_ids`,
+    `logprobs` (None for a token inserted, not sampled: a join's text) and `top`
+    ([[id, logprob], ...] per token)."""
+    if logprobs is None:
+        return None
+    return {"token_ids": list(token_ids), "logprobs": [entry.logprob for entry in logprobs],
+            "top": [[list(pair) for pair in entry.top] for entry in logprobs]}  # fmt: skip
 
 
 def critical_path(nodes: dict[int, ThreadNode], thread_id: int) -> int:

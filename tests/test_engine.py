@@ -43,6 +43,43 @@ def test_greedy_equals_transformers_generate(checkpoint: Path) -> None:
     assert engine.cache.stats().used_blocks == 0
 
 
+def test_logprobs_are_the_models_and_inserted_tokens_have_none(checkpoint: Path) -> None:
+    engine = Engine(checkpoint, kv_cache_bytes=4 * MiB, block_size=8)
+    prompt = random_tokens(7, seed=3)
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=5, logprobs=3)
+    out = engine.generate([prompt], params)[0]
+    ref = load_reference(checkpoint)
+    with torch.no_grad():  # the reference's distribution at each sampled token (untempered)
+        logits = ref(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1]
+    expected = torch.log_softmax(logits.float(), dim=-1)  # (12, vocab)
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids) == 12
+    for row, (token, entry) in enumerate(zip(out.token_ids, out.logprobs, strict=True)):
+        assert entry.logprob == pytest.approx(expected[row, token].item(), abs=1e-4)
+        top_ids = [token_id for token_id, _ in entry.top]
+        assert top_ids == expected[row].topk(3).indices.tolist()
+    assert Engine(checkpoint, kv_cache_bytes=4 * MiB).generate([prompt], SamplingParams(8))[0].logprobs is None
+
+    thread = engine.add_thread(prompt, SamplingParams(max_new_tokens=6, logprobs=0))
+    while thread.num_generated < 2:
+        engine.step()
+    engine.pause(thread)
+    engine.resume(thread, [5, 6, 7])  # a join's text: not sampled, so no logprob
+    while engine.has_work():
+        engine.step()
+    entries = engine.output(thread).logprobs
+    assert [entry.logprob is None for entry in entries] == [False] * 2 + [True] * 3 + [False] * 4
+    assert all(entry.top == () for entry in entries)
+
+
+def test_a_thread_ends_where_the_models_context_does(checkpoint: Path) -> None:
+    engine = Engine(checkpoint, kv_cache_bytes=8 * MiB, block_size=8)
+    assert engine.max_context == 1024  # the tiny checkpoints' max_position_embeddings
+    out = engine.generate([random_tokens(1000, seed=1)], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+    assert (len(out.token_ids), out.finish_reason) == (24, "length")
+    with pytest.raises(ValueError, match="the model's context is 1024"):
+        engine.add_thread(random_tokens(1024, seed=2))
+
+
 def sampled(seed: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=24, temperature=0.9, top_k=40, top_p=0.9, seed=seed)
 

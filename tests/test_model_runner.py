@@ -1,4 +1,5 @@
-"""The engine's logits equal transformers' forward on the same checkpoint (fp32, CPU, 1e-4)."""
+"""The engine's logits equal transformers' forward on the same checkpoint (fp32, CPU, 1e-4;
+bf16 as close as transformers' own bf16)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from cache_service import Sequence
 from engine.attention import build_batch
+from engine.model import resolve_dtype
 from engine.model_runner import Chunk, ModelRunner
 from tests.checkpoints import VOCAB, load_reference
 
 ATOL = 1e-4
+MODEL_DIR = Path(__file__).resolve().parents[1] / "countdown" / "model"
 
 
 def reference_logits(
@@ -180,3 +184,34 @@ def test_decodes_sharing_a_prefix_cascade_exactly(runner: ModelRunner, ref: torc
     got = runner.forward(steps)
     for logits, chunk in zip(got, steps, strict=True):
         torch.testing.assert_close(logits, reference_logits(ref, chunk.seq.token_ids)[-1], atol=ATOL, rtol=0)
+
+
+def test_bfloat16_logits_are_as_close_to_fp32_as_transformers_in_bfloat16(checkpoint: Path) -> None:
+    """Prefill then decode steps in bf16 (weights and KV): off from the fp32 reference by no
+    more than transformers' own bf16 model is (x2, rounding orders differ)."""
+    runner = ModelRunner(checkpoint, dtype="bfloat16", kv_cache_bytes=4 * 2**20, block_size=8)
+    assert runner.model.dtype == torch.bfloat16 and runner.cache.config.dtype == torch.bfloat16
+    assert runner.decode_step is None  # the fused C++ step is fp32 only
+    tokens = random_tokens(40, seed=11)
+    seq = runner.cache.allocate(tokens[:24])
+    got = [runner.forward([Chunk(seq, 24)], all_logits=True)]
+    for token in tokens[24:]:
+        runner.cache.append(seq, [token])
+        got.append(runner.forward([Chunk(seq, 1)]))
+    ours = torch.cat(got)  # (40, vocab)
+    exact = reference_logits(load_reference(checkpoint), tokens)
+    theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="eager")
+    with torch.no_grad():
+        theirs_logits = theirs.eval()(torch.tensor([tokens])).logits[0].float()
+    bound = (theirs_logits - exact).abs().max().item()
+    assert (ours - exact).abs().max().item() <= 2 * bound + 1e-3
+    assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
+
+
+def test_the_serving_dtype_is_the_checkpoints_except_fp32_on_cuda() -> None:
+    config = AutoConfig.from_pretrained(MODEL_DIR)  # the embedded model: saved in fp32
+    assert resolve_dtype(None, config, "cpu") == torch.float32
+    assert resolve_dtype(None, config, "cuda") == torch.bfloat16
+    assert resolve_dtype("float16", config, "cuda:0") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", config, "cpu")

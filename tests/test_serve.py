@@ -25,6 +25,7 @@ from countdown.traces import SERVE_OPTIONS
 MODEL = Path(__file__).resolve().parents[1] / "countdown" / "model"
 PROMPT = "44 12 8 3>43\n"
 WHOLE_SEARCH = 4000  # tokens: room for the embedded model's whole search (4-8 children, ~10 grandchildren each)
+NAME = "countdown-braid"  # the served model name (`served_model_name`)
 KEYS = ("key-one-" + "a" * 24, "key-two-" + "b" * 24)
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 
@@ -55,7 +56,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = ClusterConfig(model_path=str(MODEL), kv_cache_bytes=32 * 2**20, metrics_port=metrics_port)
+        config = ClusterConfig(
+            model_path=str(MODEL), served_model_name=NAME, kv_cache_bytes=32 * 2**20, metrics_port=metrics_port
+        )
         access = Access(keys_file=str(keys_file), max_in_flight_per_key=1)
         serve.run(BraidAPI.bind(config, SERVE_OPTIONS, access), name="braid")
         yield f"http://127.0.0.1:{port}", metrics_port
@@ -71,12 +74,15 @@ def client(server) -> OpenAI:
 def test_models_health_and_readiness(server) -> None:
     base = server[0]
     assert requests.get(f"{base}/healthz", timeout=30).json() == {"status": "ok"}
+    assert requests.get(f"{base}/health", timeout=30).status_code == 200  # vLLM's path
     assert requests.get(f"{base}/readyz", timeout=30).json()["status"] == "ready"
-    assert [m.id for m in client(server).models.list().data] == ["model"]
+    assert [m.id for m in client(server).models.list().data] == [NAME]
+    lost = requests.get(f"{base}/v1/nowhere", headers=AUTH, timeout=30)
+    assert lost.status_code == 404 and lost.json()["error"]["code"] == 404  # OpenAI's shape, not FastAPI's
 
 
 def test_completion_through_the_openai_client_carries_the_thread_tree(server) -> None:
-    done = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH)
+    done = client(server).completions.create(model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH)
     assert done.choices[0].text and done.choices[0].finish_reason in ("stop", "length")
     braid = done.model_extra["braid"]
     assert len(braid["threads"]) > 1 and braid["threads"][0]["parent_id"] is None  # it forked
@@ -84,20 +90,28 @@ def test_completion_through_the_openai_client_carries_the_thread_tree(server) ->
     assert braid["sla"] == {"max_latency_s": None, "met": None, "outcome": None, "predicted_latency_s": None}
     assert braid["fanout_cap"] is None and braid["accepted"] is True  # 44+8=52,52-12=40,40+3=43
     assert "timeline_svg" not in braid  # only on request:
-    drawn = client(server).completions.create(model="model", prompt=PROMPT, extra_body={"timeline": True})
+    drawn = client(server).completions.create(model=NAME, prompt=PROMPT, extra_body={"timeline": True})
     svg = drawn.model_extra["braid"]["timeline_svg"]
     assert svg.startswith("<svg") and svg.count('class="thread') == len(drawn.model_extra["braid"]["threads"])
 
 
-def test_streaming_sends_thread_events_apart_from_text(server) -> None:
-    chunks = list(client(server).completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH, stream=True))
-    text = "".join(c.choices[0].text for c in chunks if c.choices)
-    events = [c.model_extra["braid"] for c in chunks if not c.choices]
+def test_a_default_stream_is_plain_openai_and_thread_events_and_usage_come_when_asked(server) -> None:
+    plain = list(client(server).completions.create(model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH, stream=True))
+    assert all(c.choices for c in plain) and all(c.usage is None for c in plain)  # chunk.choices[0] always works
+    assert plain[-1].choices[0].finish_reason in ("stop", "length")
+    whole = client(server).completions.create(model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH)
+    assert "".join(c.choices[0].text for c in plain) == whole.choices[0].text  # greedy: the same answer
+
+    asked = {"thread_events": True}
+    usage = {"include_usage": True}
+    chunks = list(client(server).completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH, stream=True, stream_options=usage, extra_body=asked
+    ))  # fmt: skip
+    events = [c.model_extra["braid"] for c in chunks if c.choices and "event" in (c.model_extra.get("braid") or {})]
     assert any(e["event"] == "forked" for e in events) and any(e["event"] != "forked" for e in events)
-    last = chunks[-1]
-    assert last.choices[0].finish_reason in ("stop", "length") and last.usage.completion_tokens > 0
-    whole = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH)
-    assert text == whole.choices[0].text  # greedy: the same answer as the non-streamed one
+    assert [c for c in chunks if not c.choices] == [chunks[-1]]  # empty choices: the usage chunk alone
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_chat_over_raw_http_and_streamed(server) -> None:
@@ -114,6 +128,56 @@ def test_chat_over_raw_http_and_streamed(server) -> None:
     assert text == answer["choices"][0]["message"]["content"]
 
 
+def test_prompt_lists_and_n_give_a_choice_each_streamed_or_not(server) -> None:
+    prompts = [PROMPT, "12 5 3 7>29\n"]
+    sampled = {"temperature": 0.8, "seed": 7, "max_tokens": WHOLE_SEARCH}
+    done = client(server).completions.create(model=NAME, prompt=prompts, n=2, **sampled)
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]  # choice i answers prompt i // n
+    braid = done.model_extra["braid"]["choices"]
+    assert done.usage.completion_tokens == sum(sum(t["generated_tokens"] for t in b["threads"]) for b in braid)
+    alone = [client(server).completions.create(model=NAME, prompt=p, max_tokens=1).usage.prompt_tokens for p in prompts]
+    assert done.usage.prompt_tokens == sum(alone)  # each prompt once, not once per choice
+    assert done.choices[0].text != done.choices[1].text  # each choice its own seed
+    chunks = list(client(server).completions.create(model=NAME, prompt=PROMPT, n=2, stream=True, **sampled))
+    finished = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
+    assert sorted(finished) == [0, 1]
+    texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in (0, 1)]
+    assert texts == [done.choices[0].text, done.choices[1].text]  # same seeds: the same samples
+
+
+def test_what_the_sdks_send_for_chat_is_taken_logprobs_included(server) -> None:
+    done = client(server).chat.completions.create(
+        model=NAME, messages=[{"role": "system", "content": ""}, {"role": "user", "content": PROMPT}],
+        max_completion_tokens=WHOLE_SEARCH, user="someone", presence_penalty=0, frequency_penalty=0, seed=3,
+        logprobs=True, top_logprobs=2, n=2, temperature=0.5,
+    )  # fmt: skip
+    assert len(done.choices) == 2
+    for choice in done.choices:
+        content = choice.logprobs.content
+        assert content and all(len(entry.top_logprobs) in (0, 2) for entry in content)
+        sampled = [entry for entry in content if entry.logprob is not None]
+        assert sampled and all(entry.logprob <= 0 and len(entry.top_logprobs) == 2 for entry in sampled)
+        assert len(sampled) < len(content)  # it forked: the joins' text was inserted, not sampled
+    capped = client(server).chat.completions.create(model=NAME, messages=[{"role": "user", "content": PROMPT}],
+                                                    max_completion_tokens=40)  # fmt: skip
+    assert capped.usage.completion_tokens <= 40 and capped.choices[0].finish_reason == "length"
+
+
+def test_completion_logprobs_streamed_or_not(server) -> None:
+    done = client(server).completions.create(model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH, logprobs=3)
+    logprobs = done.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) > 0
+    sampled = [i for i, lp in enumerate(logprobs.token_logprobs) if lp is not None]
+    for i in sampled:  # greedy: the token taken is the likeliest
+        top = logprobs.top_logprobs[i]
+        assert len(top) <= 3 and logprobs.token_logprobs[i] == pytest.approx(max(top.values()))
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    chunks = list(client(server).completions.create(model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH, logprobs=3,
+                                                    stream=True))  # fmt: skip
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == logprobs.tokens
+
+
 def replica_tokens(server) -> float:
     """Tokens the replica has generated so far (its Prometheus counter)."""
     text = requests.get(f"http://127.0.0.1:{server[1] + 1}/metrics", timeout=10).text
@@ -127,10 +191,10 @@ def sla_counts(server) -> dict[str, float]:
 
 
 def test_a_budget_that_fits_is_met_and_one_predicted_not_to_is_refused_before_any_work(server) -> None:
-    alone = client(server).completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH)
+    alone = client(server).completions.create(model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH)
     took = alone.model_extra["braid"]["latency_s"]
     done = client(server).completions.create(
-        model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH, extra_body={"max_latency_s": 10 * took + 5}
+        model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH, extra_body={"max_latency_s": 10 * took + 5}
     )
     braid = done.model_extra["braid"]
     assert braid["finish_reason"] == "stop" and braid["sla"]["met"] is True and braid["sla"]["outcome"] == "met"
@@ -150,7 +214,7 @@ def test_a_budget_that_fits_is_met_and_one_predicted_not_to_is_refused_before_an
 def test_a_request_cut_short_is_a_miss_in_the_answer_and_the_metrics(server) -> None:
     before = sla_counts(server).get("truncated", 0.0)
     cut = client(server).completions.create(
-        model="model", prompt=PROMPT, max_tokens=30, extra_body={"max_latency_s": 60.0}
+        model=NAME, prompt=PROMPT, max_tokens=30, extra_body={"max_latency_s": 60.0}
     )  # it ends within its budget, but at its token limit: no answer
     braid = cut.model_extra["braid"]
     assert braid["finish_reason"] == "length" and braid["latency_s"] < 60.0
@@ -224,9 +288,16 @@ def client_gone_count(server) -> float:
         ({"prompt": PROMPT, "protocol": "telepathy"}, 400, "unknown protocol"),
         ({"prompt": PROMPT, "join_policy": "best"}, 400, "unknown join_policy"),
         ({"prompt": PROMPT, "max_tokens": 10**9}, 400, "max_tokens"),
-        ({"prompt": "1 " * 5000}, 400, "over 4096 tokens"),
+        ({"prompt": "1 " * 2100}, 400, "maximum context length is 2048 tokens"),
         ({"prompt": "1" * (1 << 20)}, 413, "body is over 1048576 bytes"),
-        ({"prompt": PROMPT, "n": 3}, 400, "n"),
+        ({"prompt": PROMPT, "n": 17}, 400, "n"),
+        ({"prompt": [PROMPT] * 9, "n": 2}, 400, "at most 16 choices"),
+        ({"prompt": [1, 2, 3]}, 400, "token-id prompts are not supported"),
+        ({"prompt": PROMPT, "presence_penalty": 0.5}, 400, "presence_penalty=0.5 is not supported"),
+        ({"prompt": PROMPT, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"prompt": PROMPT, "echo": True}, 400, "echo=True is not supported"),
+        ({"prompt": PROMPT, "best_of": 3}, 400, "best_of=3 is not supported"),
+        ({"prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
         ({"prompt": PROMPT, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings"),
         ({"prompt": PROMPT, "stop": "x" * 257}, 400, "1 to 256 characters"),
         ({"prompt": PROMPT, "max_thread": 3}, 400, "max_thread"),  # a misspelt option is not ignored
@@ -308,7 +379,7 @@ def test_a_real_prometheus_scrapes_the_app_and_every_dashboard_and_alert_query_r
         oai = client(server)
         for _ in range(2):
             budget = {"max_latency_s": 60}
-            oai.completions.create(model="model", prompt=PROMPT, max_tokens=WHOLE_SEARCH, extra_body=budget)
+            oai.completions.create(model=NAME, prompt=PROMPT, max_tokens=WHOLE_SEARCH, extra_body=budget)
         for body in ({"prompt": PROMPT, "max_latency_s": 1e-4}, {"prompt": PROMPT, "protocol": "x"}):
             requests.post(f"{base_url}/v1/completions", json=body, headers=AUTH, timeout=30)
         time.sleep(4)  # a few more scrapes

@@ -229,6 +229,11 @@ workerGroupSpecs:
 {{- end -}}
 {{- end -}}
 {{- $args := dict "model_path" $braid.modelPath "num_replicas" (int (include "braid.numReplicas" .)) "replica_gpus" $braid.gpusPerReplica "replica_cpus" $braid.cpusPerReplica "kv_cache_bytes" $braid.kvCacheBytes "task" $braid.task "capacity" $braid.capacity "kv_transfer" $braid.kvTransfer "retry_within_s" $braid.retryWithinS "request_timeout_s" $braid.requestTimeoutS "max_requests" $braid.maxRequests "policy" $braid.policy "max_step_threads" $braid.maxStepThreads "metrics_port" $braid.metricsPort "metrics_host" $braid.metricsHost "max_in_flight_per_key" $braid.maxInFlightPerKey "defaults" $defaults -}}
+{{- range $name, $value := dict "served_model_name" $braid.servedModelName "dtype" $braid.dtype -}}
+{{- if $value -}}
+{{- $_ := set $args $name $value -}}
+{{- end -}}
+{{- end -}}
 {{- $deployment := dict "name" "BraidAPI" "ray_actor_options" (dict "num_cpus" 0 "resources" (dict "braid_ingress" 0.01)) -}}
 {{- $app := dict "name" "braid" "route_prefix" "/" "import_path" "cluster.serve:build" "args" $args "deployments" (list $deployment) -}}
 {{- toYaml (dict "http_options" (dict "host" "0.0.0.0" "port" 8000) "applications" (list $app)) -}}
