@@ -24,7 +24,7 @@ APT_PACKAGES := prometheus golang-go golang-github-masterminds-sprig-dev golang-
 GOCODE := /usr/share/gocode/src
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test lint serve demo bench chart system-packages
+.PHONY: install test lint serve demo bench chart system-packages gpu-check
 install: $(VENV)/.installed
 
 system-packages:
@@ -54,6 +54,12 @@ bench: install
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.forkjoin
 	$(BIN)/python -m bench.cluster
+
+# On a machine with a CUDA GPU: the engine and fork-join tests on it and bench.engine --device
+# cuda, one JSON line at the end (under 8 minutes); without a GPU it says so and exits 0.
+# Give pip a CUDA build of torch there, e.g. TORCH="torch==2.13.0 --index-url <your CUDA wheels>".
+gpu-check: install
+	$(BIN)/python -m bench.gpu_check
 
 # The Helm chart's manifests without a helm binary (Go + sprig): make chart ARGS="-f helm/braid/values-gpu.yaml"
 chart: system-packages

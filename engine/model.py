@@ -15,9 +15,9 @@ model is plain functions over fused weights, measured in `bench/engine.py`:
   unchanged by permuting q and k alike, so logits are exactly those of the checkpoint;
   K in the cache is stored in that layout (internal to Braid).
 
-Loading reads one tensor at a time from the safetensors files, straight onto the device in
-the serving dtype, and builds each layer's fused weights before the next is read: the peak
-is the model plus one layer's temporaries, never a second copy of the model.
+Loading reads one tensor at a time from the safetensors files, casts it to the serving
+dtype on the host, moves it to the device, and builds each layer's fused weights before the
+next layer is read: the peak is the model plus one layer's temporaries, never a second copy.
 """
 
 from __future__ import annotations
@@ -250,8 +250,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: PretrainedConfig, dev
 
 
 class CheckpointTensors(Mapping[str, torch.Tensor]):
-    """A checkpoint's tensors by name, each read from its safetensors file when asked for,
-    onto `device` in `dtype` (floating-point tensors); nothing is kept here."""
+    """A checkpoint's tensors by name, each read from its safetensors file when asked for, cast
+    to `dtype` (floating-point tensors) and moved to `device`; nothing is kept here."""
 
     def __init__(self, path: Path, dtype: torch.dtype, device: str) -> None:
         files = sorted(path.glob("*.safetensors"))
@@ -264,9 +264,11 @@ class CheckpointTensors(Mapping[str, torch.Tensor]):
                 self.where.update(dict.fromkeys(f.keys(), file))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(self.where[name], framework="pt", device=str(self.device)) as f:
+        with safe_open(self.where[name], framework="pt") as f:
             tensor = f.get_tensor(name)
-        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        if tensor.is_floating_point():  # cast on the host: the device sees only the serving dtype
+            tensor = tensor.to(self.dtype)
+        return tensor.to(self.device)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.where)
