@@ -63,6 +63,12 @@ class BraidFields(BaseModel):
     thread_events: bool = False  # a stream also carries an event per thread forked or ended
     timeline: bool = False  # the answer's `braid.timeline_svg`: its thread timeline as an SVG picture
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """A field sent as null is a field not sent (some clients send every field)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     @field_validator("stop")
     @classmethod
     def _stop_limits(cls, stop: str | list[str] | None) -> str | list[str] | None:

@@ -126,6 +126,9 @@ def test_chat_over_raw_http_and_streamed(server) -> None:
     chunks = [json.loads(line[len(b"data: ") :]) for line in lines[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == answer["choices"][0]["message"]["content"]
+    nulls = {"temperature": None, "n": None, "stream": None, "logprobs": None, "presence_penalty": None, "stop": None}
+    sent = requests.post(url, json={**body, "max_tokens": 20, **nulls}, headers=AUTH, timeout=120)
+    assert sent.status_code == 200, sent.text  # null is unset, as clients that send every field mean it
 
 
 def test_prompt_lists_and_n_give_a_choice_each_streamed_or_not(server) -> None:
