@@ -44,7 +44,7 @@ from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
 from engine.sampling import SamplingParams
 from engine.scheduler import Thread
-from engine.threads import ForkJoinOptions, ThreadNode
+from engine.threads import ForkJoinOptions, ThreadNode, logprobs_from
 
 REPLICA_METRICS_PORTS = 64  # replicas on one machine, at most, that get a metrics port each
 LOAD_REFRESH_S = 0.05  # how often a replica reads its peers' loads
@@ -93,12 +93,13 @@ class _Stream:
         self.status: dict[int, str] = {}
 
     def update(self, text: str, nodes: list[ThreadNode], logprobs: dict | None = None) -> None:
-        """`logprobs`: the root's so far (`logprobs_dict`); a text event carries the new ones."""
-        new_tokens = 0 if logprobs is None else len(logprobs["token_ids"]) - self.sent_tokens
+        """`logprobs`: the root's from token `sent_tokens` on (`logprobs_dict`), which the next
+        text event carries."""
+        new_tokens = 0 if logprobs is None else len(logprobs["token_ids"])
         if len(text) > self.sent_chars or new_tokens:
             event: dict[str, Any] = {"type": "text", "text": text[self.sent_chars :]}
             if new_tokens:
-                event["logprobs"] = {key: values[self.sent_tokens :] for key, values in logprobs.items()}
+                event["logprobs"] = logprobs
                 self.sent_tokens += new_tokens
             self.events.put(event)
             self.sent_chars = len(text)
@@ -442,7 +443,7 @@ class ReplicaWorker:
             metrics.TTFT.labels(self.labels["model"]).observe(result["first_token_s"])
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream.update(result["text"], [], result["logprobs"])
+            stream.update(result["text"], [], logprobs_from(result["logprobs"], stream.sent_tokens))
             stream.events.put({"type": "result", "result": result})
         else:
             self._results[request_id] = result
@@ -499,7 +500,7 @@ class ReplicaWorker:
                     self._step_started = None
                     for stream_id, stream in self._streams.items():
                         if stream_id in self.forkjoin.requests:
-                            stream.update(*self.forkjoin.progress(stream_id))
+                            stream.update(*self.forkjoin.progress(stream_id, stream.sent_tokens))
                     for result in finished:
                         self._finished(result.to_dict())
                     took = time.perf_counter() - start

@@ -23,14 +23,16 @@ BENCH_TIMEOUT_S = 200
 
 
 def run(command: list[str], timeout_s: float) -> tuple[int, str]:
-    """Exit status and output (echoed as it comes); 124 when it ran past `timeout_s`."""
+    """Exit status and standard output (printed once it ends, with the end of its errors); 124
+    when it ran past `timeout_s`."""
     print("$", " ".join(command), flush=True)
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as expired:
-        out = expired.stdout or ""
-        print(out if isinstance(out, str) else out.decode())
-        return 124, out if isinstance(out, str) else out.decode()
+        out = expired.stdout or b""  # bytes here even with text=True
+        out = out if isinstance(out, str) else out.decode()
+        print(out)
+        return 124, out
     print(done.stdout[-6000:], done.stderr[-3000:], sep="\n")
     return done.returncode, done.stdout
 

@@ -150,13 +150,14 @@ def stop(num_replicas: int, timeout_s: float = 60.0) -> None:
     _STARTED_REPLICAS.clear()
     end = time.monotonic() + timeout_s
     for name in names:
-        while _named(name):
+        while named(name):
             if time.monotonic() > end:
                 raise TimeoutError(f"{name} was killed but still holds its name after {timeout_s:g} s")
             time.sleep(0.2)
 
 
-def _named(name: str) -> bool:
+def named(name: str) -> bool:
+    """Whether an actor holds `name` in Braid's namespace."""
     try:
         ray.get_actor(name, namespace=NAMESPACE)
         return True

@@ -172,12 +172,13 @@ class ForkJoinEngine:
     def has_work(self) -> bool:
         return bool(self.requests)
 
-    def progress(self, request_id: int) -> tuple[str, list[ThreadNode], dict | None]:
-        """A running request's root text so far, its thread tree and the root's logprobs (if
-        asked for; see `logprobs_dict`), for streaming."""
+    def progress(self, request_id: int, logprobs_from: int = 0) -> tuple[str, list[ThreadNode], dict | None]:
+        """A running request's root text so far, its thread tree and the root's logprobs from
+        token `logprobs_from` on (if asked for; see `logprobs_dict`), for streaming: a stream
+        asks only for what it has not sent, so a step copies no more than its new tokens."""
         req = self.requests[request_id]
         text = req.root.detokenizer.text if req.root.detokenizer else ""
-        return text, list(req.nodes.values()), logprobs_dict(req.root.output_ids, req.root.logprobs)
+        return text, list(req.nodes.values()), logprobs_dict(req.root.output_ids, req.root.logprobs, logprobs_from)
 
     def cancel(self, request_id: int) -> None:
         """End a request now (its threads cancelled, KV freed); the next step returns it."""

@@ -106,14 +106,19 @@ class ForkJoinResult:
         return asdict(self)
 
 
-def logprobs_dict(token_ids: list[int], logprobs: list[TokenLogprob] | None) -> dict | None:
-    """A thread's output tokens with their logprobs, as plain lists (for the wire): `token_ids`,
-    `logprobs` (None for a token inserted, not sampled: a join's text) and `top`
-    ([[id, logprob], ...] per token)."""
+def logprobs_dict(token_ids: list[int], logprobs: list[TokenLogprob] | None, start: int = 0) -> dict | None:
+    """A thread's output tokens from `start` on with their logprobs, as plain lists (for the
+    wire): `token_ids`, `logprobs` (None for a token inserted, not sampled: a join's text) and
+    `top` ([[id, logprob], ...] per token)."""
     if logprobs is None:
         return None
-    return {"token_ids": list(token_ids), "logprobs": [entry.logprob for entry in logprobs],
-            "top": [[list(pair) for pair in entry.top] for entry in logprobs]}  # fmt: skip
+    return {"token_ids": token_ids[start:], "logprobs": [entry.logprob for entry in logprobs[start:]],
+            "top": [[list(pair) for pair in entry.top] for entry in logprobs[start:]]}  # fmt: skip
+
+
+def logprobs_from(logprobs: dict | None, start: int) -> dict | None:
+    """A `logprobs_dict` from its token `start` on."""
+    return None if logprobs is None else {key: values[start:] for key, values in logprobs.items()}
 
 
 def critical_path(nodes: dict[int, ThreadNode], thread_id: int) -> int:

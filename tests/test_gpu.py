@@ -9,33 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from engine.engine import Engine
 from engine.model import CausalLM
 from engine.model_runner import Chunk, ModelRunner
 from engine.sampling import SamplingParams
 from tests.checkpoints import load_reference
-from tests.test_model_runner import merge_two_paths, multiverse_mask, random_tokens, reference_logits
+from tests.test_model_runner import (
+    bfloat16_logits,
+    merge_two_paths,
+    multiverse_mask,
+    random_tokens,
+    reference_logits,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 MiB = 2**20
 
 
 def test_bf16_logits_on_cuda_are_as_close_as_transformers_bf16(checkpoint: Path) -> None:
-    runner = ModelRunner(checkpoint, "cuda", "bfloat16", kv_cache_bytes=4 * MiB, block_size=8)
-    tokens = random_tokens(40, seed=11)
-    seq = runner.cache.allocate(tokens[:24])
-    got = [runner.forward([Chunk(seq, 24)], all_logits=True)]
-    for token in tokens[24:]:
-        runner.cache.append(seq, [token])
-        got.append(runner.forward([Chunk(seq, 1)]))
-    ours = torch.cat(got).cpu()
-    exact = reference_logits(load_reference(checkpoint), tokens)
-    theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16).to("cuda").eval()
-    with torch.no_grad():
-        theirs_logits = theirs(torch.tensor([tokens], device="cuda")).logits[0].float().cpu()
-    assert (ours - exact).abs().max() <= 2 * (theirs_logits - exact).abs().max() + 1e-3
+    ours, theirs, exact = bfloat16_logits(checkpoint, "cuda")
+    assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-3
 
 
 def test_fork_and_multiverse_merge_on_cuda_attend_as_on_the_cpu(checkpoint: Path) -> None:

@@ -186,10 +186,11 @@ def test_decodes_sharing_a_prefix_cascade_exactly(runner: ModelRunner, ref: torc
         torch.testing.assert_close(logits, reference_logits(ref, chunk.seq.token_ids)[-1], atol=ATOL, rtol=0)
 
 
-def test_bfloat16_logits_are_as_close_to_fp32_as_transformers_in_bfloat16(checkpoint: Path) -> None:
-    """Prefill then decode steps in bf16 (weights and KV): off from the fp32 reference by no
-    more than transformers' own bf16 model is (x2, rounding orders differ)."""
-    runner = ModelRunner(checkpoint, dtype="bfloat16", kv_cache_bytes=4 * 2**20, block_size=8)
+def bfloat16_logits(checkpoint: Path, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ours, transformers', exact), each (40, vocab) on the CPU: a prefill of 24 tokens then 16
+    decode steps by a bf16 runner on `device`, transformers' bf16 model there over the same
+    tokens, and the fp32 reference."""
+    runner = ModelRunner(checkpoint, device, "bfloat16", kv_cache_bytes=4 * 2**20, block_size=8)
     assert runner.model.dtype == torch.bfloat16 and runner.cache.config.dtype == torch.bfloat16
     assert runner.decode_step is None  # the fused C++ step is fp32 only
     tokens = random_tokens(40, seed=11)
@@ -198,12 +199,18 @@ def test_bfloat16_logits_are_as_close_to_fp32_as_transformers_in_bfloat16(checkp
     for token in tokens[24:]:
         runner.cache.append(seq, [token])
         got.append(runner.forward([Chunk(seq, 1)]))
-    ours = torch.cat(got)  # (40, vocab)
-    exact = reference_logits(load_reference(checkpoint), tokens)
     theirs = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16, attn_implementation="eager")
     with torch.no_grad():
-        theirs_logits = theirs.eval()(torch.tensor([tokens])).logits[0].float()
-    bound = (theirs_logits - exact).abs().max().item()
+        theirs_logits = theirs.to(device).eval()(torch.tensor([tokens], device=device)).logits[0].float()
+    exact = reference_logits(load_reference(checkpoint), tokens)
+    return torch.cat(got).cpu(), theirs_logits.cpu(), exact
+
+
+def test_bfloat16_logits_are_as_close_to_fp32_as_transformers_in_bfloat16(checkpoint: Path) -> None:
+    """Prefill then decode steps in bf16 (weights and KV): off from the fp32 reference by no
+    more than transformers' own bf16 model is (x2, rounding orders differ)."""
+    ours, theirs, exact = bfloat16_logits(checkpoint, "cpu")
+    bound = (theirs - exact).abs().max().item()
     assert (ours - exact).abs().max().item() <= 2 * bound + 1e-3
     assert (ours.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
 

@@ -21,7 +21,7 @@ from actors.coordinator import (
 )
 from cache_service.transfer import free_port
 from cluster.auth import Access
-from cluster.config import ClusterConfig, connect_or_start, stop
+from cluster.config import ClusterConfig, connect_or_start, named, stop
 from cluster.serve import BraidAPI
 
 SMALL = {"kv_cache_bytes": 16 * 2**20, "replica_cpus": 0.5}
@@ -52,14 +52,6 @@ def test_a_mismatched_cluster_is_refused_clearly_or_replaced(local_ray) -> None:
     for name in (replica_name(0), replica_name(1)):
         with pytest.raises(ValueError):
             ray.get_actor(name, namespace=NAMESPACE)  # stopped: their cores (or GPUs) are free
-
-
-def named(name: str) -> bool:
-    try:
-        ray.get_actor(name, namespace=NAMESPACE)
-        return True
-    except ValueError:
-        return False
 
 
 def test_a_serve_apps_cluster_lives_through_redeploys_and_stops_when_the_app_is_gone(local_ray) -> None:
