@@ -8,9 +8,11 @@ embedded model's size) and a larger one (~100M). Measured, each the median of re
   decode-only rates (generate(): time for n tokens minus time for 1);
   transformers' continuous-batching generate_batch() too, where it runs;
 - time to first token for a 512-token prompt.
-Braid's decode rates on the small config are measured twice: with its fused C++ decode
-step (the default on CPU in fp32) and with every step in PyTorch (`fused_decode=False`).
-Both run on `--device` (cpu, cuda) in `--dtype` (float32, bfloat16, float16), the same
+Braid's decode rates on the small config are measured three ways: as configured by
+default (the fused C++ decode step on CPU in fp32, FlexAttention on CUDA) and with every
+step in PyTorch, decode attention gathering each context (`attention="gather"`) or reading
+the pool in place through FlexAttention (`attention="flex"`).
+All run on `--device` (cpu, cuda) in `--dtype` (float32, bfloat16, float16), the same
 for both. Prints a table, then one line of JSON (speedups are Braid / generate()).
 """
 
@@ -29,6 +31,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
 from engine.engine import Engine
 from engine.model import DTYPES
+from engine.model_runner import ATTENTION
 from engine.sampling import SamplingParams
 
 CONFIGS = {
@@ -69,8 +72,11 @@ def tokens(n: int, vocab: int, seed: int) -> list[int]:
 
 
 class Braid:
-    def __init__(self, path: Path, device: str, dtype: str, fused_decode: bool = True) -> None:
-        self.engine = Engine(path, device, dtype, kv_cache_bytes=256 * 2**20, fused_decode=fused_decode)
+    def __init__(self, path: Path, device: str, dtype: str, attention: str | None = None) -> None:
+        """`attention` None: the defaults; else every step in PyTorch with that decode attention."""
+        self.engine = Engine(
+            path, device, dtype, kv_cache_bytes=256 * 2**20, fused_decode=attention is None, attention=attention
+        )
 
     def decode(self, prompt: list[int], n: int) -> None:
         self.engine.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
@@ -120,9 +126,9 @@ def bench(name: str, repeats: int, new_tokens: int, width: int, device: str, dty
     prompt, long_prompt = tokens(16, vocab, 1), tokens(512, vocab, 2)
     r = {"config": name}
     r["braid_b1"] = new_tokens / median_time(lambda: braid.decode(prompt, new_tokens), repeats)
-    pytorch = Braid(folder, device, dtype, fused_decode=False) if width else None
-    if pytorch:
-        r["pytorch_b1"] = new_tokens / median_time(lambda: pytorch.decode(prompt, new_tokens), repeats)
+    steps = {a: Braid(folder, device, dtype, a) for a in (ATTENTION if width else ())}
+    for a, engine in steps.items():
+        r[f"{a}_b1"] = new_tokens / median_time(lambda e=engine: e.decode(prompt, new_tokens), repeats)
     r["hf_b1"] = new_tokens / median_time(lambda: hf.generate([prompt], new_tokens), repeats)
     fresh = itertools.count(10)  # a new prompt each time: no prefix-cache hit
     r["braid_ttft_ms"] = 1000 * median_time(lambda: braid.first_token(tokens(512, vocab, next(fresh))), repeats)
@@ -130,7 +136,7 @@ def bench(name: str, repeats: int, new_tokens: int, width: int, device: str, dty
     if width:
         n = new_tokens // 2
         prompts = [long_prompt + [i + 3] for i in range(width)]
-        for key, engine in ((f"braid_b{width}", braid), (f"pytorch_b{width}", pytorch)):
+        for key, engine in ((f"braid_b{width}", braid), *((f"{a}_b{width}", e) for a, e in steps.items())):
             seconds = statistics.median(engine.forked_decode_seconds(long_prompt, n, width) for _ in range(repeats))
             r[key] = width * n / seconds
         t_n = median_time(lambda: hf.generate(prompts, n), repeats)
@@ -154,18 +160,22 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}")
     small = bench("small-3M", args.repeats, args.new_tokens, 16, args.device, args.dtype)
     large = bench("large-100M", max(1, args.repeats - 1), args.new_tokens // 2, 0, args.device, args.dtype)
-    print(f"{'config':<12} {'metric':<34} {'braid':>10} {'generate()':>11} {'ratio':>7} {'braid, PyTorch step':>20}")
+    print(
+        f"{'config':<12} {'metric':<34} {'braid':>10} {'generate()':>11} {'ratio':>7}"
+        + "".join(f" {'PyTorch, ' + a:>20}" for a in ATTENTION)
+    )
     rows = [
-        ("decode tok/s, batch 1", "braid_b1", "hf_b1", "pytorch_b1"),
-        ("decode tok/s, 16 threads, 512 prefix", "braid_b16", "hf_b16", "pytorch_b16"),
-        ("TTFT ms, 512-token prompt", "braid_ttft_ms", "hf_ttft_ms", ""),
+        ("decode tok/s, batch 1", "braid_b1", "hf_b1", "_b1"),
+        ("decode tok/s, 16 threads, 512 prefix", "braid_b16", "hf_b16", "_b16"),
+        ("TTFT ms, 512-token prompt", "braid_ttft_ms", "hf_ttft_ms", None),
     ]
     for r in (small, large):
-        for label, b, h, p in rows:
+        for label, b, h, suffix in rows:
             if b in r:
                 ratio = r[h] / r[b] if "ttft" in b else r[b] / r[h]
-                unfused = f"{r[p]:>10.1f} ({r[p] / r[h]:.2f}x)" if p in r else ""
-                print(f"{r['config']:<12} {label:<34} {r[b]:>10.1f} {r[h]:>11.1f} {ratio:>6.2f}x {unfused:>20}")
+                steps = [r[a + suffix] for a in ATTENTION if suffix and a + suffix in r]
+                cells = "".join(f" {f'{x:.1f} ({x / r[h]:.2f}x)':>20}" for x in steps)
+                print(f"{r['config']:<12} {label:<34} {r[b]:>10.1f} {r[h]:>11.1f} {ratio:>6.2f}x{cells}")
         if "hf_batch_b16" in r:
             print(f"{r['config']:<12} {'generate_batch() tok/s, 16 threads':<34} {'':>10} {r['hf_batch_b16']:>11.1f}")
     print(
@@ -179,6 +189,8 @@ def main() -> None:
                 "speedup_large_b1": large["braid_b1"] / large["hf_b1"],
                 "ttft_speedup_small": small["hf_ttft_ms"] / small["braid_ttft_ms"],
                 "ttft_speedup_large": large["hf_ttft_ms"] / large["braid_ttft_ms"],
+                "flex_vs_gather_b1": small["flex_b1"] / small["gather_b1"],
+                "flex_vs_gather_b16": small["flex_b16"] / small["gather_b16"],
             }
         )
     )

@@ -11,6 +11,9 @@ already cached. Decodes (one query each) run in groups:
   call, and the two are combined by their log-sum-exps (exact, not an approximation);
 - the rest run as one padded batch.
 
+With `paged` (the CUDA default, `engine.flex_decode`), decodes instead read the pool in
+place through FlexAttention's block mask, and only prefill chunks gather.
+
 Grouped-query attention without copying K/V: the g = Hq / Hkv query heads that share a
 KV head are laid out as g "query positions" of that head, q: (B, Hkv, g, D).
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from cache_service import Sequence
+from engine.flex_decode import PagedDecode, build_paged_decode, paged_decode
 
 
 @dataclass(slots=True)
@@ -48,11 +52,15 @@ class AttentionBatch:
     write_slots: torch.Tensor  # (T,) where each new token's K/V goes
     decodes: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    paged: PagedDecode | None  # all decodes, read in place (then `decodes` is empty)
 
 
-def build_batch(seqs: list[Sequence], num_queries: list[int], block_size: int, device: str) -> AttentionBatch:
+def build_batch(
+    seqs: list[Sequence], num_queries: list[int], block_size: int, device: str, paged_slots: int | None = None
+) -> AttentionBatch:
     """Metadata for a step computing the last `num_queries[i]` tokens of each `seqs[i]`
-    (their slots already allocated, up to `num_computed + num_queries`)."""
+    (their slots already allocated, up to `num_computed + num_queries`). With `paged_slots`
+    (the pool's size) decodes read the pool through FlexAttention."""
     write_slots: list[int] = []
     decode_rows: list[tuple[int, Sequence]] = []
     prefills: list[PrefillChunk] = []
@@ -69,9 +77,13 @@ def build_batch(seqs: list[Sequence], num_queries: list[int], block_size: int, d
                 mask = (torch.arange(end, device=device)[None, :] <= q)[None, None]
             prefills.append(PrefillChunk(row, n, slot_index(seq, 0, end, block_size, device), mask))
         row += n
+    write = torch.tensor(write_slots, device=device)
+    if paged_slots is not None:
+        paged = build_paged_decode(decode_rows, block_size, paged_slots, device) if decode_rows else None
+        return AttentionBatch(write, [], prefills, paged)
     groups = share_groups(decode_rows, block_size)
     decodes = [_decode_group(rows, prefix, block_size, device) for rows, prefix in groups]
-    return AttentionBatch(torch.tensor(write_slots, device=device), decodes, prefills)
+    return AttentionBatch(write, decodes, prefills, None)
 
 
 def share_groups(decodes: list[tuple[int, Sequence]], block_size: int) -> list[tuple[list[tuple[int, Sequence]], int]]:
@@ -161,7 +173,11 @@ def paged_attention(
     hkv = k.shape[1]
     if len(batch.decodes) == 1 and not batch.prefills and batch.decodes[0].size == t:
         return _decode(q, k_cache, v_cache, batch.decodes[0]).reshape(t, hq, d)  # the common all-decode step
+    if batch.paged is not None and not batch.prefills:
+        return paged_decode(q, k_cache, v_cache, batch.paged)
     out = torch.empty_like(q)
+    if batch.paged is not None:
+        out[batch.paged.rows] = paged_decode(q[batch.paged.rows], k_cache, v_cache, batch.paged)
     for group in batch.decodes:
         out[group.rows] = _decode(q[group.rows], k_cache, v_cache, group).reshape(-1, hq, d)
     for chunk in batch.prefills:

@@ -63,9 +63,10 @@ class Engine:
         seed: int = 0,
         logits_processor: Callable[[list[Thread], torch.Tensor], torch.Tensor] | None = None,
         fused_decode: bool = True,
+        attention: str | None = None,
     ) -> None:
         path = Path(model_path)
-        self.runner = ModelRunner(path, device, dtype, kv_cache_bytes, block_size, fused_decode)
+        self.runner = ModelRunner(path, device, dtype, kv_cache_bytes, block_size, fused_decode, attention)
         self.cache = self.runner.cache
         self.scheduler = Scheduler(self.cache, max_num_batched_tokens, max_num_seqs, max_step_threads)
         tokenizer_file = path / "tokenizer.json"

@@ -13,6 +13,8 @@ from engine import decode_step
 from engine.attention import build_batch
 from engine.model import CausalLM
 
+ATTENTION = ("flex", "gather")
+
 
 @dataclass(slots=True, frozen=True)
 class Chunk:
@@ -31,7 +33,13 @@ class ModelRunner:
         kv_cache_bytes: int = 512 * 2**20,
         block_size: int = 16,
         fused_decode: bool = True,
+        attention: str | None = None,
     ) -> None:
+        """`attention`: how decodes read the pool: "flex" (in place, `engine.flex_decode`) or
+        "gather" (`engine.attention`); None: flex on CUDA, gather elsewhere. On the CPU in fp32
+        the fused C++ step (`fused_decode`) runs decode-only steps either way."""
+        if attention not in (None, *ATTENTION):
+            raise ValueError(f"unknown attention {attention!r}; known: {', '.join(ATTENTION)}")
         self.device = device
         self.model = CausalLM.from_pretrained(model_path, dtype=dtype, device=device)
         dtype = self.model.dtype  # resolved: None is the checkpoint's (see `engine.model.resolve_dtype`)
@@ -44,6 +52,8 @@ class ModelRunner:
         self.cache = KVCache(
             CacheConfig(args.num_layers, args.num_kv_heads, args.head_dim, num_blocks, block_size, dtype, device)
         )
+        self.attention = attention or ("flex" if str(device).startswith("cuda") else "gather")
+        self.paged_slots = self.cache.config.num_slots if self.attention == "flex" else None
         shape = (args.num_layers, -1, args.num_kv_heads, args.head_dim)
         # (layers, num_slots, Hkv, D) views of the pool: attention reads and writes by slot.
         self.kv = (self.cache.pool.k.view(shape), self.cache.pool.v.view(shape))
@@ -78,7 +88,7 @@ class ModelRunner:
         self, ids: list[int], positions: list[int], seqs: list[Sequence], num_queries: list[int], all_logits: bool
     ) -> torch.Tensor:
         """The PyTorch model over the step's tokens."""
-        batch = build_batch(seqs, num_queries, self.cache.block_size, self.device)
+        batch = build_batch(seqs, num_queries, self.cache.block_size, self.device, self.paged_slots)
         if all_logits or len(ids) == len(seqs):  # every token's logits (e.g. an all-decode step)
             rows = slice(None)
         else:

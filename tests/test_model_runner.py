@@ -3,6 +3,7 @@ bf16 as close as transformers' own bf16)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,12 +65,20 @@ def multiverse_mask(prefix: int, paths: tuple[int, int], length: int) -> torch.T
     return mask
 
 
-@pytest.fixture(params=[True, False], ids=["fused", "pytorch"])
-def runner(checkpoint: Path, request: pytest.FixtureRequest) -> ModelRunner:
-    """Both decode paths: the C++ step (decode-only steps without a shared prefix) and PyTorch."""
-    runner = ModelRunner(checkpoint, kv_cache_bytes=4 * 2**20, block_size=8, fused_decode=request.param)
-    assert (runner.decode_step is not None) == request.param  # the C++ step builds here (make test installs g++)
-    return runner
+@pytest.fixture(params=["fused", "gather", "flex"])
+def runner(checkpoint: Path, request: pytest.FixtureRequest) -> Iterator[ModelRunner]:
+    """Every decode path: the C++ step (CPU fp32), PyTorch gathering contexts, and FlexAttention
+    reading the pool in place (the CUDA default; compiled to a C++ kernel here)."""
+    fused = request.param == "fused"
+    attention = "flex" if request.param == "flex" else "gather"
+    # On the CPU each new shape compiles anew (engine.flex_decode); past dynamo's limit it would
+    # quietly run uncompiled, which ignores the block mask: fail instead, so the kernel is tested.
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        runner = ModelRunner(
+            checkpoint, kv_cache_bytes=4 * 2**20, block_size=8, fused_decode=fused, attention=attention
+        )
+        assert (runner.decode_step is not None) == fused  # the C++ step builds here (make test installs g++)
+        yield runner
 
 
 @pytest.fixture
