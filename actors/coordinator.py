@@ -44,15 +44,23 @@ import math
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayError
 
 from actors.admission import Admission, Cost, ReplicaModel, StepTimes
+from actors.outcomes import (
+    LATE_GRACE_S,
+    Refused,
+    ReplicaFailed,
+    RequestTimedOut,
+    next_event,
+    time_limit_s,
+)
 from actors.placement import Placement
-from actors.tasks import TASKS
+from actors.tasks import task as load_task
 from engine.threads import ForkJoinOptions
 
 COORDINATOR_NAME = "braid-coordinator"
@@ -61,48 +69,13 @@ POLICIES = ("deadline", "even")
 LOAD_REFRESH_S = 0.2  # how often the coordinator reads the replicas' step times
 CALL_TIMEOUT_S = 2.0  # a replica that does not answer a load read within this is not live
 DOWN_RETRY_S = 5  # Retry-After when no replica is live
-LATE_GRACE_S = 10.0  # a budgeted request runs at most this long past its budget
 OWNER_CHECK_S = 5.0  # how often a cluster a Serve app started checks that the app is still there
 OWNER_GONE_CHECKS = 3  # checks in a row finding it gone before the cluster stops (not: a restarting controller)
 DEFAULT_PROTOCOL = ForkJoinOptions().protocol
 
 
-E = TypeVar("E", bound=BaseException)
-
-
 def replica_name(index: int) -> str:
     return f"braid-replica-{index}"
-
-
-class ReplicaFailed(RuntimeError):
-    """Every replica a request was tried on failed, or its deadline passed while retrying."""
-
-
-class RequestTimedOut(RuntimeError):
-    """The request ran past its time (`request_timeout_s`, or its budget plus LATE_GRACE_S)."""
-
-
-class Refused(RuntimeError):
-    """Not admitted: `status` is the HTTP status to answer (429 busy, 503 budget cannot be met
-    now), `retry_after_s` when to try again."""
-
-    def __init__(self, status: int, reason: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(status, reason, retry_after_s)  # all in args: Ray pickles it to the caller
-        self.status = status
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-
-    def __str__(self) -> str:
-        return f"{self.status}: {self.reason}"
-
-
-def cause(error: BaseException | None, kind: type[E]) -> E | None:
-    """The coordinator's error of `kind` (Refused, RequestTimedOut), out of Ray's wrapping."""
-    while error is not None:
-        if isinstance(error, kind):
-            return error
-        error = getattr(error, "cause", None)
-    return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -124,12 +97,13 @@ class Coordinator:
 
     def __init__(
         self, num_replicas: int, affinity_margin: int = 1, kv_transfer: bool = True, retry_within_s: float = 60.0,
-        max_requests: int = 256, task: str = "none", policy: str = "deadline", request_timeout_s: float = 600.0,
-        cluster: dict | None = None,
+        max_requests: int = 256, task: str = "none", verifier: str | None = None, policy: str = "deadline",
+        request_timeout_s: float = 600.0, cluster: dict | None = None,
     ) -> None:  # fmt: skip
         """The replicas are found by name (`replica_name(i)`), so that a coordinator Ray restarts
         finds them again; `max_requests`: requests in flight across the cluster before new ones
-        are refused (429); `task`: how fan-outs are narrowed and warmed up (`actors.tasks`);
+        are refused (429); `task`: how fan-outs are narrowed and warmed up (`actors.tasks`;
+        `verifier` replaces its answer check);
         `request_timeout_s`: the longest a request runs; `cluster`: the configuration the
         cluster was started with, for `cluster_config` (its `serve_app`: the app it lives for)."""
         if policy not in POLICIES:
@@ -139,7 +113,7 @@ class Coordinator:
         self.cluster = cluster or {}
         self.max_requests = max_requests
         self.placement = Placement(len(replicas), affinity_margin)
-        self.task = TASKS[task]
+        self.task = load_task(task, verifier)
         self.policy = policy
         self.admission = Admission(len(replicas), time.monotonic())
         self.models = [ReplicaModel(StepTimes(), math.inf) for _ in replicas]
@@ -192,11 +166,13 @@ class Coordinator:
         await self._read_loads()
 
     async def admit(
-        self, prompt: str, options: dict[str, Any], arrived: float, tried: frozenset[int] = frozenset()
-    ) -> Admitted:
+        self, prompt: str, options: dict[str, Any], arrived: float, tried: frozenset[int] = frozenset(),
+        spread: bool = False,
+    ) -> Admitted:  # fmt: skip
         """Where a request that arrived at `arrived` goes and with what fan-out cap (its options
         carry what is left of its budget), or refused fast: a full cluster (429), or a latency
-        budget it is not predicted to meet anywhere now (503)."""
+        budget it is not predicted to meet anywhere now (503). `spread` (a Join's samples of one
+        prompt): by load alone, not to where the prompt went before."""
         self._start_background()
         if sum(self.placement.in_flight) >= self.max_requests:
             raise Refused(429, f"busy: {self.max_requests} requests in flight; retry later")
@@ -211,7 +187,8 @@ class Coordinator:
                 raise Refused(503, "the request's latency budget ran out before it could be placed", 1)
             options = {**options, "max_latency_s": budget}
         if budget is None or self.policy == "even":
-            return Admitted(self.placement.choose(prompt, exclude=tried), prompt, options, arrived=arrived)
+            replica = self.placement.choose(prompt, exclude=tried, affinity=not spread)
+            return Admitted(replica, prompt, options, arrived=arrived)
         protocol = options.get("protocol") or DEFAULT_PROTOCOL
         limit = float(options.get("sampling", {}).get("max_new_tokens") or options.get("max_total_tokens") or 1024)
         prior = Cost(limit, limit)  # nothing learned yet: as long as the request may run
@@ -225,14 +202,16 @@ class Coordinator:
         key = self.admission.started(decision)
         return Admitted(decision.replica, text, narrowed, decision.width, decision.predicted_s, key, arrived)
 
-    async def stream(self, prompt: str, options: dict[str, Any] | None = None, received: float | None = None):
+    async def stream(
+        self, prompt: str, options: dict[str, Any] | None = None, received: float | None = None, spread: bool = False
+    ):
         """The request's events as they happen (see `Replica.generate_stream`), first an
         "admitted" event: a caller reads it before it answers its own client, so a refusal
         (Refused, raised before any event) is an HTTP status, not an error in a stream. No
         retry once streaming has begun: a failed replica ends the stream with an error event.
         Cancelled (its caller went away), Ray cancels the replica's stream too, which ends the
         request."""
-        admitted = await self.admit(prompt, options or {}, arrival(received))
+        admitted = await self.admit(prompt, options or {}, arrival(received), spread=spread)
         self.placement.started(admitted.replica)
         yield {"type": "admitted", "replica": admitted.replica, "fanout_cap": admitted.width}
         events = self.replicas[admitted.replica].generate_stream.remote(admitted.prompt, admitted.options)
@@ -257,17 +236,36 @@ class Coordinator:
     async def generate(self, prompt: str, options: dict[str, Any] | None = None, received: float | None = None) -> dict:
         """The request's result; `received`: when it reached Braid (`time.time()` at the HTTP
         ingress; None: now), which its latency budget counts from."""
+        async for event in self._run(prompt, options, received):
+            if event["type"] == "result":
+                return event["result"]
+        raise AssertionError("_run ends with a result or raises")
+
+    async def outcome(
+        self, prompt: str, options: dict[str, Any] | None = None, received: float | None = None, spread: bool = False
+    ):
+        """`generate` as a stream of two events, for a caller that must know when the request
+        is admitted (a Join, before it answers its client): "admitted" once it is placed (a
+        refusal raises before it), then "result". Cancelled, it ends on its replica too."""
+        async for event in self._run(prompt, options, received, spread):
+            yield event
+
+    async def _run(self, prompt: str, options: dict[str, Any] | None, received: float | None, spread: bool = False):
+        """ "admitted" (once), then "result"; a replica failing mid-request: run again elsewhere."""
         start = arrival(received)
         end = start + time_limit_s(options or {}, self.request_timeout_s)
         tried: set[int] = set()
-        while True:
-            admitted = await self.admit(prompt, options or {}, start, frozenset(tried))
+        result = None
+        while result is None:
+            admitted = await self.admit(prompt, options or {}, start, frozenset(tried), spread)
             self.placement.started(admitted.replica)
             replica = self.replicas[admitted.replica]
             key = uuid.uuid4().hex
             call = self._answered(admitted, replica.generate.remote(admitted.prompt, admitted.options, key))
             try:
-                return await asyncio.wait_for(call, end - time.monotonic())
+                if not tried:
+                    yield {"type": "admitted", "replica": admitted.replica, "fanout_cap": admitted.width}
+                result = await asyncio.wait_for(call, end - time.monotonic())
             except asyncio.CancelledError:  # its caller went away (`ray.cancel`): end it on its replica too
                 replica.cancel.remote(key)
                 raise
@@ -284,6 +282,7 @@ class Coordinator:
                 self.retries += 1
             finally:
                 self._done(admitted)
+        yield {"type": "result", "result": result}
 
     def _timed_out(self, admitted: Admitted) -> RequestTimedOut:
         self.timeouts += 1
@@ -404,20 +403,6 @@ class Coordinator:
         for replica in self.replicas:
             ray.kill(replica, no_restart=True)
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
-
-
-def time_limit_s(options: dict[str, Any], request_timeout_s: float) -> float:
-    """The longest a request with `options` (as it arrived) runs, from its arrival."""
-    budget = options.get("max_latency_s")
-    return request_timeout_s if budget is None else min(request_timeout_s, budget + LATE_GRACE_S)
-
-
-async def next_event(events: Any) -> dict | None:
-    """A Ray stream's (ObjectRefGenerator's) next item; None at its end."""
-    try:
-        return await (await events.__anext__())
-    except StopAsyncIteration:
-        return None
 
 
 def serve_app_running(app: str) -> bool:

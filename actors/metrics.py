@@ -50,6 +50,26 @@ FANOUT = Histogram("braid_fork_fanout", "Children per fork", ["model", "protocol
 CRITICAL_PATH = Histogram(
     "braid_critical_path_tokens", "Critical-path tokens per request", ["model", "protocol"], buckets=TOKEN_BUCKETS
 )
+SAMPLES = Histogram(
+    "braid_samples_per_request",
+    "Samples of a multi-sample request (n x prompts), by sample_join",
+    ["model", "policy"],
+    buckets=COUNT_BUCKETS,
+)
+VOTE_AGREEMENT = Histogram(
+    "braid_vote_agreement",
+    "Share of a prompt's finished samples that reached the chosen answer (vote, first_success)",
+    ["model"],
+    buckets=(0.2, 0.4, 0.5, 0.6, 0.8, 1.0),
+)
+VERIFIER_REJECTS = Counter("braid_verifier_rejects", "Samples whose answer the verifier rejected", ["model"])
+FIRST_SUCCESS = Histogram(
+    "braid_time_to_first_success_seconds", "Time from arrival to the first sample the verifier accepted "
+    "(first_success)", ["model"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+SAMPLES_CANCELLED = Counter(
+    "braid_samples_cancelled", "Samples cancelled: not needed once one was accepted, or out of time", ["model"]
+)
 TTFT = Histogram(
     "braid_time_to_first_token_seconds", "Time to a request's first token", ["model"], buckets=TTFT_BUCKETS
 )
@@ -65,6 +85,14 @@ PREFIX_HITS = Counter("braid_prefix_hit_tokens", "Prompt tokens found in the pre
 TRANSFER_BYTES = Counter("braid_kv_transfer_bytes", "Prefix KV sent to other replicas", ["model", "replica"])
 TRANSFER_SECONDS = Counter("braid_kv_transfer_seconds", "Time spent sending prefix KV", ["model", "replica"])
 PLACED = Counter("braid_children_placed", "Forked children by where they ran", ["model", "replica", "where"])
+
+
+def sample_series(model: str, policies: tuple[str, ...]) -> None:
+    """The multi-sample metrics' series, at zero from the start (dashboards show 0, not no data)."""
+    for policy in policies:
+        SAMPLES.labels(model, policy)
+    for metric in (VOTE_AGREEMENT, VERIFIER_REJECTS, FIRST_SUCCESS, SAMPLES_CANCELLED):
+        metric.labels(model)
 
 
 class ClusterHealth:

@@ -35,13 +35,13 @@ class Placement:
         self.affinity_margin = affinity_margin
         self.last_for_prefix: dict[int, int] = {}
 
-    def choose(self, prompt: str, exclude: frozenset[int] = frozenset()) -> int:
+    def choose(self, prompt: str, exclude: frozenset[int] = frozenset(), affinity: bool = True) -> int:
         key = zlib.crc32(prompt[:AFFINITY_CHARS].encode())
         candidates = [i for i in range(len(self.in_flight)) if i not in exclude]
         if not candidates:
             raise ValueError("no replica left to place on")
         least = min(candidates, key=lambda i: (self.in_flight[i], i))
-        sticky = self.last_for_prefix.get(key)
+        sticky = self.last_for_prefix.get(key) if affinity else None
         if sticky in candidates and self.in_flight[sticky] <= self.in_flight[least] + self.affinity_margin:
             least = sticky
         self.last_for_prefix[key] = least

@@ -37,7 +37,7 @@ import torch
 from actors import metrics
 from actors.admission import FullRate, StepTimes
 from actors.placement import ChildChoice, ChildPlacement
-from actors.tasks import TASKS
+from actors.tasks import task as load_task
 from cache_service import OutOfBlocks
 from cache_service.transfer import KVTransfer, free_address
 from engine.engine import Engine
@@ -151,16 +151,16 @@ class ReplicaWorker:
         self, replica_id: int, model_path: str, device: str = "cpu", kv_cache_bytes: int = 256 * 2**20,
         task: str = "none", capacity: int = 16, torch_threads: int = 0, metrics_port: int | None = None,
         max_step_threads: int | None = None, metrics_host: str = "127.0.0.1", model_name: str | None = None,
-        dtype: str | None = None,
+        dtype: str | None = None, verifier: str | None = None,
     ) -> None:  # fmt: skip
         """`capacity`: live threads this replica takes before its forks spill to peers;
         `metrics_port`: the first port to try for this process's Prometheus metrics (it takes the
         first free one of REPLICA_METRICS_PORTS; None: not served) on `metrics_host`; `max_step_threads`: threads
         one engine step computes, at most, the most urgent first (None: every live thread);
         `model_name`: the metrics' `model` label (None: the checkpoint folder's name); `dtype`:
-        the weights' and KV's (`engine.model.resolve_dtype`; None: the checkpoint's, bf16 on CUDA)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        the weights' and KV's (`engine.model.resolve_dtype`; None: the checkpoint's, bf16 on CUDA);
+        `task`, `verifier`: names or import paths (`actors.tasks`), loaded here."""
+        self.task = load_task(task, verifier)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
@@ -174,7 +174,6 @@ class ReplicaWorker:
         self.engine = Engine(
             model_path, device, dtype, kv_cache_bytes=kv_cache_bytes, max_step_threads=max_step_threads
         )
-        self.task = TASKS[task]
         self.forkjoin = ForkJoinEngine(self.engine, self.task.verifier, self.task.succeeded, self._offload)
         self.step_times = StepTimes()
         self.full_rate = FullRate()

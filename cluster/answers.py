@@ -117,6 +117,8 @@ class Shape:
             "accepted": result.get("accepted"),
             "threads": result["threads"],
         }
+        if "samples" in result:  # a prompt's samples, one chosen (sample_join vote, first_success)
+            braid["samples"] = result["samples"]
         if self.timeline:
             braid["timeline_svg"] = render_svg(result)
         return braid

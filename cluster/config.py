@@ -11,7 +11,7 @@ import ray
 
 from actors.coordinator import COORDINATOR_NAME, NAMESPACE, POLICIES, Coordinator, get_coordinator, replica_name
 from actors.replica import Replica
-from actors.tasks import TASKS
+from actors.tasks import task
 from engine.model import DTYPES
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[1] / "countdown" / "model")
@@ -32,7 +32,8 @@ class ClusterConfig:
     replica_resources: dict[str, float] | None = None  # Ray custom resources a replica needs: the nodes it may run on
     coordinator_resources: dict[str, float] | None = None  # the same for the coordinator (e.g. to keep it on the head)
     kv_cache_bytes: int = 256 * 2**20
-    task: str = "countdown"  # join verifier and success test ("none": the protocol's own)
+    task: str = "countdown"  # built in ("countdown", "none": the protocol's own) or an import path (actors.tasks)
+    verifier: str | None = None  # import path of (prompt, answer) -> bool, the answer check (None: the task's)
     capacity: int = 16  # live threads a replica takes before its forks spill to other replicas
     kv_transfer: bool = True  # send a fork's prefix KV to other replicas (else they recompute it)
     retry_within_s: float = 60.0  # a request whose replica died is retried elsewhere within this time
@@ -55,8 +56,7 @@ class ClusterConfig:
             raise ValueError(f"num_replicas must be >= 1, got {self.num_replicas}")
         if not (Path(self.model_path) / "config.json").exists():
             raise ValueError(f"{self.model_path} is not a checkpoint folder (no config.json)")
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        task(self.task, self.verifier)  # a bad name or import path fails here, at start, not in a replica
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -100,6 +100,7 @@ def start(config: ClusterConfig) -> Any:
             config.metrics_host,
             config.model_name,
             config.dtype,
+            config.verifier,
         )
         for i in range(config.num_replicas)
     ]
@@ -109,7 +110,7 @@ def start(config: ClusterConfig) -> Any:
         name=COORDINATOR_NAME, namespace=NAMESPACE, get_if_exists=True, lifetime=lifetime,
         resources=config.coordinator_resources or {},
     ).remote(len(replicas), kv_transfer=config.kv_transfer, retry_within_s=config.retry_within_s,
-             max_requests=config.max_requests, task=config.task, policy=config.policy,
+             max_requests=config.max_requests, task=config.task, verifier=config.verifier, policy=config.policy,
              request_timeout_s=config.request_timeout_s, cluster=asdict(config))  # fmt: skip
     ray.get(coordinator.connect.remote())
     ray.get(coordinator.warm_up.remote())

@@ -31,7 +31,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from actors.coordinator import Refused, cause
+from actors.outcomes import Refused, cause
 from cluster.config import ClusterConfig, connect_or_start
 from countdown.problems import Problem
 from countdown.traces import SERVE_OPTIONS

@@ -34,6 +34,7 @@ own), `braid.accepted` whether the task's check passed its answer (null: no chec
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import math
 import os
@@ -51,8 +52,9 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from actors import metrics
-from actors.coordinator import Refused, RequestTimedOut, cause, next_event, time_limit_s
-from actors.tasks import TASKS
+from actors.join import SAMPLE_JOINS, Join
+from actors.outcomes import Refused, RequestTimedOut, cause, next_event, time_limit_s
+from actors.tasks import task
 from cluster.answers import Shape, good_answer, sla_outcome, sse
 from cluster.auth import (
     GENERATED_KEY_FILE,
@@ -78,6 +80,7 @@ HEALTH_TIMEOUT_S = 5.0  # the coordinator's health for /readyz and the metrics, 
 # The ingress waits this long past a request's time limit (the coordinator's, which ends it
 # first with a clear 504) before it gives up on a coordinator that does not answer.
 INGRESS_GRACE_S = 10.0
+JOIN_CLOSE_S = 5.0  # a Join actor cancels its samples within this before it is killed
 
 
 class ApiError(Exception):
@@ -145,25 +148,11 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.kind, exc.param, exc.retry_after_s)
 
 
-async def merged(streams: list[Any], end: float) -> AsyncIterator[tuple[int, dict]]:
-    """(index, event) from several coordinator streams as they come, each stream's in order;
-    TimeoutError at `end` (time.time()). (Above the deployment: Serve pickles the class by
-    value when it is decorated, with the module globals defined by then.)"""
-    pending = {asyncio.ensure_future(next_event(stream)): i for i, stream in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, timeout=end - time.time(), return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                raise TimeoutError
-            for task in done:
-                index = pending.pop(task)
-                event = task.result()
-                if event is not None:
-                    pending[asyncio.ensure_future(next_event(streams[index]))] = index
-                    yield index, event
-    finally:
-        for task in pending:
-            task.cancel()
+async def end_join(join: Any) -> None:
+    """Cancel what a Join actor still runs (its samples, on their replicas), then end it."""
+    with contextlib.suppress(ray.exceptions.RayError, TimeoutError):  # gone already, or stuck: killed all the same
+        await asyncio.wait_for(join.close.remote(), JOIN_CLOSE_S)
+    ray.kill(join)
 
 
 # Serve's own default (a handful of requests per ingress replica, the rest queued in front of
@@ -180,11 +169,15 @@ class BraidAPI:
         self.model = api.state.model = config.model_name
         self.defaults = defaults
         self.prompter = Prompter(config.model_path)
+        self.task = task(config.task, config.verifier)
+        self._ending: set[asyncio.Task] = set()  # Join actors being ended
         if config.metrics_port is not None:
             metrics.serve_metrics(config.metrics_port, host=config.metrics_host)
+            metrics.sample_series(self.model, SAMPLE_JOINS)
         # A cluster running with another configuration (a redeploy: `serve deploy` with a new
         # config, a Helm change) is replaced, so the replicas serve what the ingress says.
         self.coordinator = connect_or_start(config, replace=True)
+        self._spare_join = self._start_join()
         if config.metrics_port is not None:
             metrics.report_cluster_health(self._health, self.model)
 
@@ -260,65 +253,81 @@ class BraidAPI:
             raise ApiError(400, str(error), param="messages" if chat else "prompt") from error
         except ValueError as error:
             raise ApiError(400, str(error)) from error
-        # Choice i answers prompt i // n; with a seed, each of a prompt's n choices gets its own.
-        seed = options["sampling"]["seed"]
-        choices = [
-            (prompt, options if seed is None else {**options, "sampling": {**options["sampling"], "seed": seed + j}})
-            for prompt in prompts for j in range(body.n)
-        ]  # fmt: skip
+        policy = body.sample_join
+        if policy == "first_success" and self.task.accepted is None:
+            raise ApiError(400, "sample_join first_success needs a verifier: serve with --verifier module:function",
+                           param="sample_join")  # fmt: skip
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        shape = Shape(request_id, self.model, chat, options, body.n, body.timeline, include_usage,
-                      self.prompter.token_text)  # fmt: skip
+        shape = Shape(request_id, self.model, chat, options, body.n if policy == "all" else 1, body.timeline,
+                      include_usage, self.prompter.token_text)  # fmt: skip
         end = received + time_limit_s(options, self.config.request_timeout_s) + INGRESS_GRACE_S  # time.time()
-        if body.stream:
-            streams = [self.coordinator.stream.remote(p, o, received) for p, o in choices]
-            try:  # each admitted: a refusal raises here, before the 200 is sent
-                await asyncio.wait_for(asyncio.gather(*[next_event(s) for s in streams]), end - time.time())
-            except (ray.exceptions.RayError, TimeoutError) as error:
-                for stream in streams:
-                    ray.cancel(stream)
-                raise self._failed(error, options) from error
-            stream = self._stream(streams, options, shape, body.thread_events, key, end)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        calls = [self.coordinator.generate.remote(p, o, received) for p, o in choices]
+        # One prompt, one sample: the coordinator's request. Else a Join actor for the request's
+        # samples (actors.join): it places them over the replicas and joins them.
+        join = self._take_join() if len(prompts) * body.n > 1 else None
         try:
-            results = await asyncio.wait_for(asyncio.gather(*calls), end - time.time())
-        except BaseException as error:
-            # Not recursive: the coordinator ends each request on its replica itself, and a
-            # recursive cancel could cancel that very call on its way.
-            for call in calls:
+            if body.stream:
+                if join is None:
+                    events = self.coordinator.stream.remote(prompts[0], options, received)
+                else:
+                    events = join.stream.remote(prompts, options, body.n, policy, received)
+                try:  # admitted: a refusal raises here, before the 200 is sent
+                    await asyncio.wait_for(next_event(events), end - time.time())
+                except (ray.exceptions.RayError, TimeoutError) as error:
+                    ray.cancel(events)
+                    raise self._failed(error, options) from error
+                stream = self._stream(events, join, options, shape, body.thread_events, key, end)
+                join = None  # the stream ends it
+                return StreamingResponse(stream, media_type="text/event-stream")
+            if join is None:
+                call = self.coordinator.generate.remote(prompts[0], options, received)
+            else:
+                call = join.run.remote(prompts, options, body.n, policy, received)
+            try:
+                answer = await asyncio.wait_for(call, end - time.time())
+            except BaseException as error:
+                # Not recursive: the coordinator ends each request on its replica itself, and a
+                # recursive cancel could cancel that very call on its way.
                 ray.cancel(call, recursive=False)
-            if isinstance(error, asyncio.CancelledError):  # the client went away (Serve cancels its request)
-                metrics.ERRORS.labels(self.model, "client_gone").inc()
+                if isinstance(error, asyncio.CancelledError):  # the client went away (Serve cancels its request)
+                    metrics.ERRORS.labels(self.model, "client_gone").inc()
+                    raise
+                if isinstance(error, ray.exceptions.TaskCancelledError):  # the same, Serve's cancel first
+                    metrics.ERRORS.labels(self.model, "client_gone").inc()
+                    raise asyncio.CancelledError from error
+                if isinstance(error, ray.exceptions.RayError | TimeoutError):
+                    raise self._failed(error, options) from error
                 raise
-            if isinstance(error, ray.exceptions.TaskCancelledError):  # the same, Serve's cancel first
-                metrics.ERRORS.labels(self.model, "client_gone").inc()
-                raise asyncio.CancelledError from error
-            if isinstance(error, ray.exceptions.RayError | TimeoutError):
-                raise self._failed(error, options) from error
-            raise
+        finally:
+            if join is not None:
+                self._end_join(join)
+        results = [answer] if join is None else answer["results"]
         for result in results:
             self._observe(result, options)
+        if join is not None:
+            self._observe_samples(answer["stats"], policy)
         return shape.response(results)
 
     async def _stream(
-        self, streams: list[Any], options: dict, shape: Shape, thread_events: bool, key: str | None, end: float
+        self, events: Any, join: Any, options: dict, shape: Shape, thread_events: bool, key: str | None, end: float
     ) -> AsyncIterator[str]:
-        """The stream of admitted choices (`streams`: the coordinator's, past their "admitted"),
-        given up at `end` (time.time()) if the coordinator stops answering. When the client
-        goes away mid-stream, Serve cancels this request, and Ray the tasks it started
-        (recursively) down to the replicas' streams, which cancels the requests there: their
-        threads stop and their KV is freed."""
+        """The stream of an admitted request (`events`: the coordinator's or its Join's, past
+        "admitted"; a Join's events carry their choice's `index`), given up at `end`
+        (time.time()) if they stop coming. When the client goes away mid-stream, Serve cancels
+        this request, and Ray the tasks it started (recursively) down to the replicas' streams,
+        which cancels the requests there: their threads stop and their KV is freed."""
         ended = False
         results: dict[int, dict] = {}
         try:
-            async for index, event in merged(streams, end):
+            while (event := await asyncio.wait_for(next_event(events), end - time.time())) is not None:
+                index = event.get("index", 0)
                 if event["type"] == "text":
                     yield sse(shape.chunk(index, event["text"], event.get("logprobs")))
-                elif event["type"] == "thread":
+                elif event["type"] in ("thread", "sample"):
                     if thread_events:
                         yield sse(shape.thread_event(index, event))
+                elif event["type"] == "stats":
+                    self._observe_samples(event["stats"], event["policy"])
                 elif event["type"] == "error":
                     timed_out = event.get("timed_out", False)
                     metrics.ERRORS.labels(self.model, "timed_out" if timed_out else "replica_failed").inc()
@@ -333,15 +342,44 @@ class BraidAPI:
                 yield sse(shape.usage_chunk(results))
         except (ray.exceptions.RayError, TimeoutError) as error:
             ended = True
-            for stream in streams:  # the rest of the request goes with the failed part
-                ray.cancel(stream)
+            ray.cancel(events)  # the rest of the request goes with the failed part
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
         finally:
             self.keys.release(key)
+            if join is not None:
+                self._end_join(join)
             if not ended:
                 metrics.ERRORS.labels(self.model, "client_gone").inc()
         yield "data: [DONE]\n\n"
+
+    def _take_join(self) -> Any:
+        """A new Join actor for this request. One is started ahead, so that a request does not
+        wait for a process to start (about 0.5 s, and seconds on a busy 2-core machine)."""
+        join = self._spare_join
+        self._spare_join = self._start_join()
+        return join
+
+    def _start_join(self) -> Any:
+        config = self.config
+        return Join.remote(self.coordinator, config.task, config.verifier, config.request_timeout_s)
+
+    def _end_join(self, join: Any) -> None:
+        """End a request's Join actor (its samples cancelled first), without waiting here: a
+        cancelled request's cleanup must not await."""
+        ending = asyncio.ensure_future(end_join(join))
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+
+    def _observe_samples(self, stats: dict, policy: str) -> None:
+        """A multi-sample request's figures (`actors.join.Samples.stats`)."""
+        metrics.SAMPLES.labels(self.model, policy).observe(stats["samples"])
+        for agreement in stats["agreement"]:
+            metrics.VOTE_AGREEMENT.labels(self.model).observe(agreement)
+        metrics.VERIFIER_REJECTS.labels(self.model).inc(stats["rejects"])
+        metrics.SAMPLES_CANCELLED.labels(self.model).inc(stats["cancelled"])
+        if stats["first_success_s"] is not None:
+            metrics.FIRST_SUCCESS.labels(self.model).observe(stats["first_success_s"])
 
     def _failed(self, error: BaseException, options: dict) -> ApiError:
         refused = cause(error, Refused)
@@ -387,9 +425,9 @@ class BraidAPI:
 REQUEST_DEFAULTS = ("protocol", "join_policy", "max_latency_s", "max_threads", "max_depth")
 
 
-def task_defaults(task: str) -> dict[str, Any]:
+def task_defaults(name: str) -> dict[str, Any]:
     """The request options a task's model is served with unless a request says otherwise."""
-    return dict(TASKS[task].options)
+    return dict(task(name).options)
 
 
 def build(args: dict[str, Any]) -> serve.Application:
@@ -433,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                         help="weights and KV (default: the checkpoint's; bf16 for an fp32 one on CUDA)")  # fmt: skip
     parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--verifier", default=None, help="import path module:function of (prompt, answer) -> bool, "
+                        "the answer check for sample_join first_success / vote ties (default: the task's)")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=9400, help="ingress; replicas on the next free ports")
@@ -455,15 +495,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     for name, value in PATIENT_SERVE.items():
         os.environ.setdefault(name, value)
+    try:
+        config = ClusterConfig(
+            num_replicas=args.replicas,
+            served_model_name=args.served_model_name,
+            dtype=args.dtype,
+            verifier=args.verifier,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            **({"model_path": args.model} if args.model else {}),
+        )
+    except ValueError as error:  # a bad model folder, dtype or import path: said before anything starts
+        parser.error(str(error))
     where = init_ray(args.address)
-    config = ClusterConfig(
-        num_replicas=args.replicas,
-        served_model_name=args.served_model_name,
-        dtype=args.dtype,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        **({"model_path": args.model} if args.model else {}),
-    )
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(BraidAPI.bind(config, task_defaults(config.task), access), name="braid")
     ports = [args.metrics_port + i for i in range(args.replicas + 1)]

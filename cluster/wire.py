@@ -60,6 +60,8 @@ class BraidFields(BaseModel):
     max_depth: int | None = Field(None, ge=0, le=8)
     protocol: str | None = None
     join_policy: str | None = None
+    # How a prompt's n samples answer it (actors.join): all (n choices), vote, first_success.
+    sample_join: Literal["all", "vote", "first_success"] = "all"
     thread_events: bool = False  # a stream also carries an event per thread forked or ended
     timeline: bool = False  # the answer's `braid.timeline_svg`: its thread timeline as an SVG picture
 

@@ -183,6 +183,17 @@ def test_the_serve_config_builds_braids_app(renderer: Path) -> None:
         assert deployment["name"] == "BraidAPI"  # the ingress stays on the head (its custom resource)
 
 
+def test_a_verifier_reaches_the_serve_app_and_a_bad_one_is_refused(renderer: Path, tmp_path: Path) -> None:
+    values = tmp_path / "verifier.yaml"
+    values.write_text("braid:\n  verifier: countdown.verify:answer_accepted\n")
+    app = serve_app(objects(renderer, str(values)))
+    assert app["args"]["verifier"] == "countdown.verify:answer_accepted"
+    config, _, _ = build({**app["args"], "model_path": str(ROOT / "countdown" / "model")})._bound_deployment.init_args
+    assert config.verifier == "countdown.verify:answer_accepted"
+    with pytest.raises(ValueError, match=r"verifier 'countdown\.verify:no_such'"):
+        build({**app["args"], "model_path": str(ROOT / "countdown" / "model"), "verifier": "countdown.verify:no_such"})
+
+
 def test_the_batch_job_runs_the_batch_entrypoint(renderer: Path) -> None:
     docs = objects(renderer, str(CHART / "values-gpu.yaml"))
     (job,) = by_kind(docs, "RayJob")

@@ -249,11 +249,43 @@ def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
     assert not any(wrong in f.read_text(errors="ignore") for f in logs.rglob("*") if f.is_file())
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server, stream: bool) -> None:
+def alive_joins() -> int:
+    """Join actors alive on the cluster (the ingress keeps one started ahead, for the next request)."""
+    from ray._private import state
+
+    return sum(a["ActorClassName"] == "Join" and a["State"] != "DEAD" for a in state.actors().values())
+
+
+def test_a_vote_over_samples_is_one_choice_streamed_or_not_and_no_join_actor_is_left(server) -> None:
+    sampled = {"temperature": 0.8, "seed": 4, "max_tokens": WHOLE_SEARCH}
+    vote = {"sample_join": "vote"}
+    done = client(server).completions.create(model=NAME, prompt=PROMPT, n=3, extra_body=vote, **sampled)
+    (choice,) = done.choices
+    samples = done.model_extra["braid"]["samples"]
+    assert len(samples) == 3 and [s["chosen"] for s in samples].count(True) == 1, samples
+    chosen = next(s for s in samples if s["chosen"])
+    assert sum(s["answer"] == chosen["answer"] for s in samples) >= max(
+        sum(s["answer"] == other["answer"] for s in samples) for other in samples
+    ), samples  # the most common answer
+    assert done.usage.completion_tokens > sum(t["generated_tokens"] for t in done.model_extra["braid"]["threads"])
+    extra = {**vote, "thread_events": True}
+    chunks = list(client(server).completions.create(model=NAME, prompt=PROMPT, n=3, stream=True, extra_body=extra,
+                                                    **sampled))  # fmt: skip
+    events = [c.model_extra["braid"] for c in chunks if c.model_extra.get("braid", {}).get("event") == "sample"]
+    assert len(events) == 3  # one as each sample finished, before the answer
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text  # same seeds, same vote
+    end = time.monotonic() + 10
+    while alive_joins() > 1:  # each request's Join ended with it; one is kept started for the next
+        assert time.monotonic() < end, f"{alive_joins()} Join actors alive"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize(("stream", "n"), [(True, 1), (False, 1), (True, 2), (False, 2)])
+def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server, stream: bool, n: int) -> None:
     # This prompt and seed make the model write 4000 tokens (~15 s here) unless it is stopped (it
-    # depends on the engine's arithmetic: were it to end sooner, the checks below say so).
-    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 2, "stream": stream}
+    # depends on the engine's arithmetic: were it to end sooner, the checks below say so). With
+    # n = 2, the samples run through a Join actor, which ends too.
+    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 2, "stream": stream, "n": n}
     replica = ray.get(ray.get_actor("braid-coordinator", namespace="braid").replica.remote(0))
     gone = client_gone_count(server)
     if stream:
@@ -272,6 +304,9 @@ def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server
         assert time.monotonic() - start < 5, "the request's threads still run after its client left"
         time.sleep(0.1)
     assert client_gone_count(server) == gone + 1
+    while alive_joins() > 1:
+        assert time.monotonic() - start < 10, "the request's Join actor outlived it"
+        time.sleep(0.1)
     assert requests.post(f"{server[0]}/v1/completions", json={"prompt": PROMPT}, headers=AUTH, timeout=120).ok
 
 

@@ -229,7 +229,7 @@ workerGroupSpecs:
 {{- end -}}
 {{- end -}}
 {{- $args := dict "model_path" $braid.modelPath "num_replicas" (int (include "braid.numReplicas" .)) "replica_gpus" $braid.gpusPerReplica "replica_cpus" $braid.cpusPerReplica "kv_cache_bytes" $braid.kvCacheBytes "task" $braid.task "capacity" $braid.capacity "kv_transfer" $braid.kvTransfer "retry_within_s" $braid.retryWithinS "request_timeout_s" $braid.requestTimeoutS "max_requests" $braid.maxRequests "policy" $braid.policy "max_step_threads" $braid.maxStepThreads "metrics_port" $braid.metricsPort "metrics_host" $braid.metricsHost "max_in_flight_per_key" $braid.maxInFlightPerKey "defaults" $defaults -}}
-{{- range $name, $value := dict "served_model_name" $braid.servedModelName "dtype" $braid.dtype -}}
+{{- range $name, $value := dict "served_model_name" $braid.servedModelName "dtype" $braid.dtype "verifier" $braid.verifier -}}
 {{- if $value -}}
 {{- $_ := set $args $name $value -}}
 {{- end -}}
