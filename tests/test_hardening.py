@@ -5,7 +5,8 @@ new ones succeed; a batch job killed mid-way resumes with no line lost or repeat
 
 Elsewhere: a client gone mid-stream (test_serve), a replica killed under load
 (test_cluster), the KV pool exhausted (test_forkjoin, and here under load), hostile model
-output (test_fuzz). There is no join actor to kill: a join runs in its parent's replica.
+output (test_fuzz). A join inside a request runs in its parent's replica (the replica case);
+the Join actor across samples: test_join (a replica killed mid-sample), test_serve (client gone).
 """
 
 from __future__ import annotations
