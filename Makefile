@@ -24,7 +24,7 @@ APT_PACKAGES := prometheus golang-go golang-github-masterminds-sprig-dev golang-
 GOCODE := /usr/share/gocode/src
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test lint serve demo bench chart system-packages gpu-check
+.PHONY: install test lint serve demo bench chart system-packages gpu-check gpu-train
 install: $(VENV)/.installed
 
 system-packages:
@@ -60,6 +60,17 @@ bench: install
 # Give pip a CUDA build of torch there, e.g. TORCH="torch==2.13.0 --index-url <your CUDA wheels>".
 gpu-check: install
 	$(BIN)/python -m bench.gpu_check
+
+# On a machine with a CUDA GPU: both embedded models trained on from the shipped checkpoints,
+# at once on the one GPU, GPU_MINUTES each (the same budget, so the comparison stays fair),
+# into /tmp/braid/train/{parallel,sequential}; evaluate there, copy over countdown/model* if better.
+GPU_MINUTES ?= 10
+gpu-train: install
+	$(BIN)/python -m countdown.train --device cuda --format parallel --init-from countdown/model \
+		--out /tmp/braid/train/parallel --minutes $(GPU_MINUTES) --batch-tokens 65536 --lr 5e-4 & p=$$!; \
+	$(BIN)/python -m countdown.train --device cuda --format sequential --init-from countdown/model-sequential \
+		--out /tmp/braid/train/sequential --minutes $(GPU_MINUTES) --batch-tokens 65536 --lr 5e-4 & s=$$!; \
+	wait $$p; r=$$?; wait $$s && exit $$r
 
 # The Helm chart's manifests without a helm binary (Go + sprig): make chart ARGS="-f helm/braid/values-gpu.yaml"
 chart: system-packages

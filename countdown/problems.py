@@ -4,10 +4,16 @@ As in the APR paper: inputs in 1..99, target in 10..100, every problem solvable 
 by an exhaustive solver). Intermediate results must be positive integers (division only
 when exact) and, to keep numbers short for a small model, below `MAX_VALUE`; a problem
 counts as solvable only with such steps.
+
+`python -m countdown.problems --held-out 200 --out FILE` draws problems as the APR paper
+does (solvable with positive-integer steps of any size), a set none of Braid's splits
+was drawn from: what `braid eval countdown --problems FILE` measures generalisation on.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -16,6 +22,7 @@ from pathlib import Path
 
 MAX_VALUE = 1000
 SPLIT_SEEDS = {"train": 1, "validation": 2, "test": 3}
+TRAIN_PROBLEMS = 40_000  # what the shipped models were trained on (the first 20,000 before phase 7)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +129,55 @@ def load_jsonl(path: str | Path) -> list[Problem]:
             raise ValueError(f"{path}:{number}: expected 4 numbers, got {len(nums)}")
         problems.append(Problem(tuple(nums), target))
     return problems
+
+
+def solvable_any_size(nums: tuple[int, ...], target: int) -> bool:
+    """Whether `target` is reachable with positive-integer steps of any size (the APR paper's rules)."""
+    if len(nums) == 1:
+        return nums[0] == target
+    for i, j in itertools.combinations(range(len(nums)), 2):
+        a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
+        rest = tuple(n for k, n in enumerate(nums) if k not in (i, j))
+        results = {a + b, a * b, a - b, a // b if a % b == 0 else 0}
+        if any(solvable_any_size((*rest, r), target) for r in results if r > 0):
+            return True
+    return False
+
+
+def held_out(count: int, seed: int, exclude: set[Problem]) -> list[Problem]:
+    """`count` distinct problems drawn as the APR paper draws them, none of `exclude` (in any order)."""
+    rng = random.Random(seed)
+    seen = {_key(p) for p in exclude}
+    out: list[Problem] = []
+    while len(out) < count:
+        problem = Problem(tuple(rng.randint(1, 99) for _ in range(4)), rng.randint(10, 100))
+        if _key(problem) not in seen and solvable_any_size(problem.nums, problem.target):
+            seen.add(_key(problem))
+            out.append(problem)
+    return out
+
+
+def _key(problem: Problem) -> tuple[tuple[int, ...], int]:
+    """A problem as the model sees it: the numbers in any order."""
+    return tuple(sorted(problem.nums)), problem.target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Draw a held-out Countdown set (APR paper's distribution) as JSONL.")
+    parser.add_argument("--held-out", type=int, default=200, metavar="N", help="how many problems")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    print("leaving out Braid's train, validation and test problems (a few minutes to list them)", flush=True)
+    chosen = held_out(
+        args.held_out, args.seed, {p for group in splits(TRAIN_PROBLEMS, 1000, 1000).values() for p in group}
+    )
+    args.out.write_text("".join(p.to_json() + "\n" for p in chosen))
+    ours = sum(solve(tuple(sorted(p.nums, reverse=True)), p.target) is not None for p in chosen)
+    print(
+        f"{len(chosen)} problems in {args.out}; {ours} of them solvable under Braid's rules (steps below {MAX_VALUE})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,8 @@ view: its chain of parent segments). The loss covers only the tokens the model
 generates itself. Seeded and resumable (`--resume` continues from
 `OUT/train_state.pt`), with a progress bar, a loss curve saved to `OUT/loss.png`, and
 an optional wall-clock budget (`--minutes`) that the learning-rate schedule follows.
-Runs on CUDA when present, else on the CPU.
+Runs on CUDA when present (bf16 autocast), else on the CPU; `make gpu-train` continues
+both shipped models on a GPU with the same budget each.
 """
 
 from __future__ import annotations
@@ -166,9 +167,11 @@ def weighted_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> to
     """Cross-entropy of token t+1 given tokens up to t, weighted per token. Predicting the next
     token in sequence order is right for every trained token: a generated segment always
     comes right after its parent segment (traces.parallel)."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
-    ).logits[:, :-1]  # [B, L-1, vocab]
+    logits = (
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+        .logits[:, :-1]
+        .float()
+    )  # [B, L-1, vocab]; fp32 for the loss under bf16 autocast
     targets, weights = batch["input_ids"][:, 1:], batch["weights"][:, 1:]
     flat = logits.reshape(-1, logits.shape[-1])
     losses = torch.nn.functional.cross_entropy(flat, targets.reshape(-1), reduction="none")
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("countdown/model"))
     parser.add_argument("--format", choices=["parallel", "sequential"], default="parallel")
-    parser.add_argument("--problems", type=int, default=20_000, help="training problems")
+    parser.add_argument("--problems", type=int, default=problems.TRAIN_PROBLEMS, help="training problems")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--minutes", type=float, default=0, help="stop after this much training time (0: no limit)")
     parser.add_argument("--batch-tokens", type=int, default=8192)
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", type=int, default=2, help="children packed per fork (0: all; parallel only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init-from", type=Path, help="start from this checkpoint's weights (a new schedule)")
     parser.add_argument("--save-every", type=int, default=250)
@@ -212,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -267,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         batch = collate(data, next(batch_iter), pad, device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(progress_at(step, elapsed + time.time() - run_start))
-        loss = weighted_loss(model, batch)
+        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):  # CUDA: bf16 matmuls
+            loss = weighted_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -153,6 +153,22 @@ def test_checker_redoes_the_arithmetic(answer: str, ok: bool) -> None:
     assert check_answer(Problem((44, 8, 12, 3), 43), answer) is ok
 
 
+def test_held_out_problems_are_drawn_by_the_apr_papers_rules() -> None:
+    """Solvable with positive-integer steps of any size (Braid's own problems keep steps below
+    1000), distinct in any order, none of the problems left out."""
+    assert problems.solvable_any_size((21, 35, 93, 45), 80)  # needs a step above 1000
+    assert problems.solve((93, 45, 35, 21), 80) is None
+    assert not problems.solvable_any_size((1, 1, 1, 1), 97)
+    test = problems.splits(0, 0, 300)["test"]
+    drawn = problems.held_out(30, seed=7, exclude=set(test))
+    keys = {(tuple(sorted(p.nums)), p.target) for p in drawn}
+    assert len(keys) == 30 and not keys & {(tuple(sorted(p.nums)), p.target) for p in test}
+    assert all(problems.solvable_any_size(p.nums, p.target) and 10 <= p.target <= 100 for p in drawn)
+    assert all(1 <= n <= 99 for p in drawn for n in p.nums)
+    assert problems.held_out(30, seed=7, exclude=set(test)) == drawn  # seeded
+    assert problems.held_out(30, seed=7, exclude=set(drawn[:5]))[:5] != drawn[:5]
+
+
 def test_verifier_rejects_a_wrong_found_and_passes_honest_threads() -> None:
     prompt = "44 8 12 3>43\n"
     assert verify_claim(prompt, "...\n52-12=40,40+3=43 found\n</Thread>")
