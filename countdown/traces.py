@@ -27,9 +27,9 @@ right before it. Example (parallel), prompt `44 12 8 3>43\\n`:
 
     root:       <Parallel>\\n<Outlines>\\n<Outline>44+12=56:56 8 3>43</Outline>\\n...</Outlines>
     child:      <Thread>\\n3:44+8=52:52 12 3>43\\n<Parallel>\\n<Outlines>\\n<Outline>52+12=64:64 3>43</Outline>...
-    grandchild: <Thread>\\n1:32+8=40:40 3>43\\n40+3=43:43 found\\n</Thread>
-    child, after its join:  52-12=40,40+3=43 found\\n</Thread>
-    root, after its join:   44+8=52,52-12=40,40+3=43\\n<eos>
+    grandchild: <Thread>\\n1:52-12=40:40 3>43\\n40+3=43:43 found\\n</Thread>
+    child, after its join:  44+8=52,52-12=40,40+3=43 found\\n</Thread>   (the whole chain)
+    root, after its join:   44+8=52,52-12=40,40+3=43\\n<eos>           (the line above, copied)
 """
 
 from __future__ import annotations
@@ -129,19 +129,26 @@ def cap_prompt(text: str, threads: int | None) -> str:
     return f"T{min(threads, int(match.group(1)))} {text[match.end() :]}"
 
 
-def search(state: tuple[int, ...], target: int, cap: int | None = None) -> Node:
-    """The search tree below `state` (numbers sorted descending)."""
+def search(state: tuple[int, ...], target: int, cap: int | None = None, path: tuple[Move, ...] = ()) -> Node:
+    """The search tree below `state` (numbers sorted descending), reached by the moves `path`.
+
+    A thread that found the target concludes with the whole chain from the root's numbers
+    (`path`, then its own chain): its parent's conclusion, the root's answer included, is
+    then a copy of the line right above it (the root rewriting the move itself, from its
+    outline list, miscopied it), and the join verifier checks a child's chain against the
+    problem as a whole."""
     if len(state) == 2:
         return _leaf(state, target)
     options = moves(state, ROOT_PAIRS if len(state) == 4 else None)[:cap]
-    children = [search(rest, target) for _, rest in options]
+    children = [search(rest, target, path=(*path, move)) for move, rest in options]
     node = Node([m for m, _ in options], [rest for _, rest in options], target, children, "", None)
     if node.winner is not None:
         node.found = f"{node.moves[node.winner]},{children[node.winner].found}"
+    chain = ",".join([*map(str, path), node.found]) if node.found else None
     if len(state) == 4:
-        node.tail = f"{node.found}\n" if node.found else "none\n"
+        node.tail = f"{chain}\n" if chain else "none\n"
     else:
-        node.tail = f"{node.found} found\n</Thread>" if node.found else "none\n</Thread>"
+        node.tail = f"{chain} found\n</Thread>" if chain else "none\n</Thread>"
     return node
 
 

@@ -50,11 +50,17 @@ def claims_found(text: str) -> bool:
 
 def verify_claim(prompt: str, text: str) -> bool:
     """The join verifier: a child concluding "found" must show a correct chain ending at the
-    target (each equation after the first uses the previous result). Other children pass."""
+    target (each equation after the first uses the previous result); a chain as long as a
+    whole answer (the model's children write the chain from the root's numbers) must be a
+    right answer to the prompt's problem, each input used exactly once. Other children pass."""
     if not claims_found(text):
         return True
+    chain = conclusion(text)
+    problem = problem_of(prompt)
+    eqs = equations(chain)
+    if problem is not None and len(eqs) >= len(problem.nums) - 1:
+        return check_answer(problem, chain)
     target = TARGET.search(prompt.strip().splitlines()[0] if prompt.strip() else "")
-    eqs = equations(conclusion(text))
     if target is None or not eqs or eqs[-1][3] != int(target.group(1)):
         return False
     if not all(correct(*eq) for eq in eqs):
