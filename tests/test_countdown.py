@@ -98,7 +98,7 @@ def test_a_training_sample_of_the_search_keeps_the_winners_and_every_context() -
             headers = [s for s in sample if s.parent == index and s.text.startswith("<Thread>")]
             assert 1 <= len(headers) <= 2
     found = [s.text for s in sample if s.generated and "found" in s.text]
-    assert "40+3=43:43 found\n</Thread>" in found and "32+8=40,40+3=43 found\n</Thread>" in found
+    assert "40+3=43:43 found\n</Thread>" in found and "44-12=32,32+8=40,40+3=43 found\n</Thread>" in found
 
 
 def test_packed_logits_equal_each_thread_run_alone() -> None:
@@ -175,6 +175,9 @@ def test_verifier_rejects_a_wrong_found_and_passes_honest_threads() -> None:
     assert not verify_claim(prompt, "...\n52-12=40,40+3=44 found\n</Thread>")  # wrong sum
     assert not verify_claim(prompt, "...\n52-12=41,41+3=44 found\n</Thread>")  # wrong target
     assert not verify_claim(prompt, "52-12=40,30+13=43 found\n</Thread>")  # broken chain
+    assert verify_claim(prompt, "...\n44+8=52,52-12=40,40+3=43 found\n</Thread>")  # a whole chain
+    assert not verify_claim(prompt, "...\n44+9=53,53-13=40,40+3=43 found\n</Thread>")  # not the inputs
+    assert not verify_claim("T2 " + prompt, "44+8=52,52-12=40,40+3=43,43-0=43 found")  # 4 steps from 4 numbers
     assert verify_claim(prompt, "40+3=44\nnone\n</Thread>") and not claims_found("40+3=44\nnone\n</Thread>")
 
 
@@ -222,8 +225,8 @@ def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 
 # Test problems the shipped model solves (found by `countdown.evaluate` on the test split;
-# it solves about a third of them): a regression guard that it still reasons to right answers.
-SOLVED = [Problem((73, 23, 26, 33), 57), Problem((57, 63, 24, 8), 12), Problem((20, 22, 91, 97), 12),
+# it solves under half of them): a regression guard that it still reasons to right answers.
+SOLVED = [Problem((73, 23, 26, 33), 57), Problem((57, 63, 24, 8), 12), Problem((77, 27, 60, 75), 93),
           Problem((77, 4, 13, 26), 42)]  # fmt: skip
 
 
