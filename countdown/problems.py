@@ -13,7 +13,6 @@ was drawn from: what `braid eval countdown --problems FILE` measures generalisat
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -45,8 +44,9 @@ class Problem:
         return json.dumps({"nums": list(self.nums), "target": self.target})
 
 
-def apply(a: int, op: str, b: int) -> int | None:
-    """The result of `a op b`, or None when it is not a positive integer below MAX_VALUE."""
+def apply(a: int, op: str, b: int, max_value: int | None = MAX_VALUE) -> int | None:
+    """The result of `a op b`, or None when it is not a positive integer below `max_value`
+    (None: of any size, the APR paper's rule)."""
     if op == "+":
         r = a + b
     elif op == "-":
@@ -57,10 +57,12 @@ def apply(a: int, op: str, b: int) -> int | None:
         r = a // b if b and a % b == 0 else 0
     else:
         raise ValueError(f"unknown operator {op!r}")
-    return r if 0 < r < MAX_VALUE else None
+    return r if r > 0 and (max_value is None or r < max_value) else None
 
 
-def moves(nums: tuple[int, ...], pairs: int | None = None) -> list[tuple[Move, tuple[int, ...]]]:
+def moves(
+    nums: tuple[int, ...], pairs: int | None = None, max_value: int | None = MAX_VALUE
+) -> list[tuple[Move, tuple[int, ...]]]:
     """Every legal move from a state: (the move, the numbers left after it), larger operand
     first, pair by pair in index order ((0, 1), (0, 2), ..., then + - * /); `pairs` keeps
     only the moves of the first so many pairs."""
@@ -70,19 +72,19 @@ def moves(nums: tuple[int, ...], pairs: int | None = None) -> list[tuple[Move, t
         a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
         rest = tuple(n for k, n in enumerate(nums) if k not in (i, j))
         for op in "+-*/":
-            r = apply(a, op, b)
+            r = apply(a, op, b, max_value)
             if r is not None:
                 out.append((Move(a, op, b, r), tuple(sorted((*rest, r), reverse=True))))
     return out
 
 
 @lru_cache(maxsize=500_000)
-def solve(nums: tuple[int, ...], target: int) -> tuple[Move, ...] | None:
+def solve(nums: tuple[int, ...], target: int, max_value: int | None = MAX_VALUE) -> tuple[Move, ...] | None:
     """A shortest list of moves that leaves exactly `target`, or None. `nums` sorted descending."""
     if len(nums) == 1:
         return () if nums[0] == target else None
-    for move, rest in moves(nums):
-        tail = solve(rest, target)
+    for move, rest in moves(nums, max_value=max_value):
+        tail = solve(rest, target, max_value)
         if tail is not None:
             return (move, *tail)
     return None
@@ -133,15 +135,7 @@ def load_jsonl(path: str | Path) -> list[Problem]:
 
 def solvable_any_size(nums: tuple[int, ...], target: int) -> bool:
     """Whether `target` is reachable with positive-integer steps of any size (the APR paper's rules)."""
-    if len(nums) == 1:
-        return nums[0] == target
-    for i, j in itertools.combinations(range(len(nums)), 2):
-        a, b = max(nums[i], nums[j]), min(nums[i], nums[j])
-        rest = tuple(n for k, n in enumerate(nums) if k not in (i, j))
-        results = {a + b, a * b, a - b, a // b if a % b == 0 else 0}
-        if any(solvable_any_size((*rest, r), target) for r in results if r > 0):
-            return True
-    return False
+    return solve(tuple(sorted(nums, reverse=True)), target, max_value=None) is not None
 
 
 def held_out(count: int, seed: int, exclude: set[Problem]) -> list[Problem]:
