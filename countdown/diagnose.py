@@ -32,7 +32,7 @@ KINDS = ("root", "child", "leaf")  # by depth
 
 def step_kind(segments: list[traces.Segment], index: int, depth: dict[int, int]) -> str:
     seg = segments[index]
-    role = "fork" if seg.text.startswith("<Parallel>") else "end"
+    role = "fork" if seg.text.startswith("<Parallel>") else "chain" if "," in seg.text else "end"
     return f"{KINDS[depth[seg.thread]]} {role}"
 
 

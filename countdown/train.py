@@ -63,21 +63,32 @@ class Example:
 
 
 def encode(
-    tokenizer, segments: list[traces.Segment], eos: int, root_weight: float = 1.0, decision_weight: float = 1.0
+    tokenizer,
+    segments: list[traces.Segment],
+    eos: int,
+    root_weight: float = 1.0,
+    decision_weight: float = 1.0,
+    chain_weight: float = 1.0,
 ) -> Example:
     """Tokens of every segment in order; the root's answer (the last segment) ends with EOS.
 
     The root's own tokens weigh `root_weight` in the loss: a search has one root and dozens
     of threads, yet every answer starts with the root's outlines. A space or new line
     right after a number (a try's verdict: ` found` or not) weighs `decision_weight`:
-    the rare hits otherwise teach only the prior."""
+    the rare hits otherwise teach only the prior. A line that carries a chain (a conclusion,
+    the answer: `37-32=5,6*5=30,30-16=14`) weighs `chain_weight`: one line of a search, and
+    the one the verifier checks (a child that miscopied its grandchild's move is rejected,
+    and the search found nothing)."""
     ids: list[int] = []
     loss: list[float] = []
     segment: list[int] = []
     for index, seg in enumerate(segments):
         part = tokenizer.encode(seg.text).ids + ([eos] if index == len(segments) - 1 else [])
         weight = (root_weight if seg.thread == 0 else 1.0) * seg.generated
-        loss += [weight * (decision_weight if v else 1.0) for v in verdicts(tokenizer, part)]
+        loss += [
+            weight * (decision_weight if verdict else 1.0) * (chain_weight if chain else 1.0)
+            for verdict, chain in zip(verdicts(tokenizer, part), chain_lines(tokenizer, part), strict=True)
+        ]
         ids += part
         segment += [index] * len(part)
     return Example(ids, loss, segment, [-1 if s.parent is None else s.parent for s in segments])
@@ -91,6 +102,19 @@ def verdicts(tokenizer, ids: list[int]) -> list[bool]:
         i > 0 and ids[i - 1] in digits and (t == newline or (t == space and ids[i + 1 : i + 2] == [f]))
         for i, t in enumerate(ids)
     ]
+
+
+def chain_lines(tokenizer, ids: list[int]) -> list[bool]:
+    """Which tokens are on a line that carries a chain of moves (has a comma), its new line included."""
+    newline, comma = tokenizer.token_to_id("\n"), tokenizer.token_to_id(",")
+    marks: list[bool] = []
+    line: list[int] = []
+    for t in ids:
+        line.append(t)
+        if t == newline:
+            marks += [comma in line] * len(line)
+            line = []
+    return marks + [comma in line] * len(line)
 
 
 def tree_mask(example: Example) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +142,14 @@ def examples(
     root_weight: float = 1.0,
     keep: int = 0,
     decision_weight: float = 1.0,
+    chain_weight: float = 1.0,
 ) -> list[Example]:
     rng = random.Random(seed)
     out = []
     for problem in problems.splits(count, 0, 0)["train"]:
         cap = traces.sample_threads(rng)
         segments = traces.sequential(problem, cap) if fmt == "sequential" else traces.parallel(problem, cap, keep, rng)
-        example = encode(tokenizer, segments, eos, root_weight, decision_weight)
+        example = encode(tokenizer, segments, eos, root_weight, decision_weight, chain_weight)
         if len(example.ids) <= MAX_LEN:
             out.append(example)
     return out
@@ -205,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", choices=["tiny", "small"], default="small")
     parser.add_argument("--root-weight", type=float, default=4.0, help="loss weight of the root thread's tokens")
     parser.add_argument("--decision-weight", type=float, default=10.0, help="loss weight of a try's verdict token")
+    parser.add_argument("--chain-weight", type=float, default=1.0, help="loss weight of a line carrying a chain")
     parser.add_argument("--keep", type=int, default=2, help="children packed per fork (0: all; parallel only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -226,9 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     eos, pad = tokenizer.token_to_id(EOS), tokenizer.token_to_id(PAD)
 
     started = time.time()
-    data = examples(
-        args.format, args.problems, args.seed, tokenizer, eos, args.root_weight, args.keep, args.decision_weight
-    )
+    data = examples(args.format, args.problems, args.seed, tokenizer, eos, args.root_weight, args.keep,
+                    args.decision_weight, args.chain_weight)  # fmt: skip
     tokens = sum(len(example.ids) for example in data)
     print(f"{len(data)} sequences, {tokens} tokens from {args.problems} problems ({time.time() - started:.0f}s)")
 
@@ -319,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                 "root_weight": args.root_weight,
                 "keep": args.keep,
                 "decision_weight": args.decision_weight,
+                "chain_weight": args.chain_weight,
             }
             (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     progress.close()

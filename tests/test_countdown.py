@@ -204,6 +204,30 @@ def test_a_few_training_steps_lower_the_loss(tmp_path: Path) -> None:
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "tokenizer.json").exists()
 
 
+def test_loss_weighs_the_root_the_verdicts_and_the_chains() -> None:
+    """Given tokens weigh 0; the root's 4x; a try's verdict 10x; a line carrying a chain
+    (a child's conclusion, the answer) 10x — the root's answer both, 40x."""
+    from countdown.train import encode
+
+    tokenizer = build()
+    problem = Problem((44, 12, 8, 3), 43)
+    segments = traces.parallel(problem)
+    example = encode(tokenizer, segments, tokenizer.token_to_id("<eos>"), 4.0, 10.0, 10.0)
+
+    def weights(index: int) -> list[float]:
+        return [w for w, s in zip(example.loss, example.segment, strict=True) if s == index]
+
+    # A verdict is any space or new line right after a number, so it also marks a chain's end.
+    answer = len(segments) - 1
+    assert segments[answer].text == "44-12=32,32+8=40,40+3=43\n"
+    assert weights(answer) == [40.0] * 24 + [400.0, 4.0]  # the chain, its new line (a verdict too), <eos>
+    child = segments.index(traces.Segment("44-12=32,32+8=40,40+3=43 found\n</Thread>", True, 48, 12))
+    assert weights(child) == [10.0] * 24 + [100.0] + [10.0] * 6 + [1.0]  # the chain, ` found`, `</Thread>`
+    leaf = segments.index(traces.Segment("40+3=43:43 found\n</Thread>", True, 28, 13))
+    assert weights(leaf) == [1.0] * 10 + [10.0] + [1.0] * 7  # only its verdict weighs more
+    assert all(w == 0 for i, s in enumerate(segments) if not s.generated for w in weights(i))
+
+
 def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
     from countdown.train import main
 
@@ -269,7 +293,10 @@ def test_diagnose_counts_every_step_of_the_search_once() -> None:
     searches = [traces.parallel(p) for p in chosen]
     leaves = [s.text for segs in searches for s in segs if s.generated and not s.text.startswith("<Parallel>")]
     leaf_tries = [line for text in leaves for line in text.splitlines() if ":" in line]  # `a+b=r:T` lines
-    assert result["root fork"]["steps"] == result["root end"]["steps"] == 3
+    ends = {kind: row["steps"] for kind, row in result.items() if kind.endswith((" end", " chain"))}
+    assert result["root fork"]["steps"] == ends.get("root end", 0) + ends.get("root chain", 0) == 3
+    chains = [s for segs in searches for s in segs if s.generated and s.thread != 0 and "," in s.text]
+    assert ends.get("child chain", 0) == len(chains)  # a child that found the target concludes with its chain
     assert result["leaf hit"]["steps"] == sum(line.endswith(" found") for line in leaf_tries)
     assert result["leaf miss"]["steps"] == sum(not line.endswith(" found") for line in leaf_tries)
     assert all(0 <= row["exact"] <= row["token_accuracy"] <= 1 for row in result.values())
