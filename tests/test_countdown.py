@@ -249,7 +249,7 @@ def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
 
 
 # Test problems the shipped model solves (found by `countdown.evaluate` on the test split;
-# it solves under half of them): a regression guard that it still reasons to right answers.
+# it solves about half of them): a regression guard that it still reasons to right answers.
 SOLVED = [Problem((73, 23, 26, 33), 57), Problem((57, 63, 24, 8), 12), Problem((77, 27, 60, 75), 93),
           Problem((77, 4, 13, 26), 42)]  # fmt: skip
 
