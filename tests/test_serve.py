@@ -282,11 +282,10 @@ def test_a_vote_over_samples_is_one_choice_streamed_or_not_and_no_join_actor_is_
 
 @pytest.mark.parametrize(("stream", "n"), [(True, 1), (False, 1), (True, 2), (False, 2)])
 def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server, stream: bool, n: int) -> None:
-    # This prompt and seed make the model fork ~70 threads and write ~3,900 tokens (~2 s here)
-    # unless it is stopped (it depends on the model and the engine's arithmetic: were it to end
-    # sooner, the checks below say so). With n = 2, the samples run through a Join actor, which
-    # ends too.
-    body = {"prompt": "<Thread>\n", "max_tokens": 4000, "temperature": 1.0, "seed": 0, "stream": stream, "n": n}
+    # A test problem the search cannot solve: greedy, the model runs its whole search, ~48
+    # threads and ~2,500 tokens (~2 s here), unless it is stopped (were it to end sooner, the
+    # checks below say so). With n = 2, the samples run through a Join actor, which ends too.
+    body = {"prompt": "55 42 17 4>57\n", "max_tokens": 4000, "temperature": 0.0, "stream": stream, "n": n}
     replica = ray.get(ray.get_actor("braid-coordinator", namespace="braid").replica.remote(0))
     gone = client_gone_count(server)
     if stream:
@@ -303,6 +302,9 @@ def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server
     start = time.monotonic()
     while ray.get(replica.load_dict.remote())["running"] or ray.get(replica.cache_report.remote())["used_blocks"]:
         assert time.monotonic() - start < 5, "the request's threads still run after its client left"
+        time.sleep(0.1)
+    while client_gone_count(server) < gone + 1:  # counted when the cancel reaches the ingress
+        assert time.monotonic() - start < 10, "the client's leaving was not counted"
         time.sleep(0.1)
     assert client_gone_count(server) == gone + 1
     while alive_joins() > 1:
