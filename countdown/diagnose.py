@@ -8,15 +8,20 @@ of its tokens are. Steps are grouped by kind (the root's fork and answer, a chil
 and conclusion, a leaf's tries), so a low accuracy points at the step to fix; an end to
 end evaluation (`countdown.evaluate`) only says that some step failed. The leaf's
 decision after each try is also counted apart: "leaf hit" (the result is the target: is
-" found" chosen?) and "leaf miss" (it is not: is a new line chosen?). Parallel
-checkpoints only. Prints a table, and last a line of JSON.
+" found" chosen?) and "leaf miss" (it is not: is a new line chosen?), and so is every
+result the model computes, by where it stands, operator and size ("outline * 3d": the
+result of a product of 3 digits in a fork's outline, which becomes a thread's numbers;
+"try - 2d": a leaf's difference of 1 or 2 digits, which it compares with the target).
+Parallel checkpoints only. Prints a table, and last a line of JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -28,6 +33,7 @@ from countdown.tokenizer import EOS, build
 from countdown.train import encode, tree_mask, verdicts
 
 KINDS = ("root", "child", "leaf")  # by depth
+RESULT = re.compile(r"\d+([+\-*/])\d+=(\d+)")  # `52-12=40`: the operator, the result
 
 
 def step_kind(segments: list[traces.Segment], index: int, depth: dict[int, int]) -> str:
@@ -42,6 +48,21 @@ def tally(row: list[int], right: list[bool]) -> None:
     row[1] += all(right)
     row[2] += len(right)
     row[3] += sum(right)
+
+
+def results(text: str) -> list[tuple[int, int, str]]:
+    """Where each computed result stands in a segment's text, by characters: (start, end, kind),
+    e.g. `outline * 3d`. Chains (lines with a comma) are copies, not computed: left out."""
+    out = []
+    for match in RESULT.finditer(text):
+        line_start = text.rfind("\n", 0, match.start()) + 1
+        line_end = text.find("\n", match.end())
+        if "," in text[line_start : line_end if line_end >= 0 else len(text)]:
+            continue
+        where = "outline" if text.startswith("<Parallel>") else "try"
+        size = "3d" if len(match.group(2)) >= 3 else "2d"
+        out.append((match.start(2), match.end(2), f"{where} {match.group(1)} {size}"))
+    return out
 
 
 def diagnose(model: LlamaForCausalLM, search_problems: list[problems.Problem]) -> dict[str, dict[str, float]]:
@@ -78,6 +99,9 @@ def diagnose(model: LlamaForCausalLM, search_problems: list[problems.Problem]) -
                 for t, ok, verdict in zip(ids, right, verdicts(tokenizer, ids), strict=True):
                     if verdict:
                         tally(counts["leaf hit" if tokenizer.id_to_token(t) == " " else "leaf miss"], [ok])
+            starts = list(accumulate((len(tokenizer.id_to_token(example.ids[t])) for t in own), initial=0))
+            for begin, end, result_kind in results(seg.text):  # one character per digit token
+                tally(counts[result_kind], [r for r, at in zip(right, starts[:-1], strict=True) if begin <= at < end])
     return {
         kind: {"steps": n, "exact": good / n, "token_accuracy": good_tokens / tokens}
         for kind, (n, good, tokens, good_tokens) in sorted(counts.items())
@@ -91,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = LlamaForCausalLM.from_pretrained(args.model).eval()
     result = diagnose(model, problems.splits(0, 0, args.limit)["test"])
-    print(f"{'step':<11} {'count':>6} {'exact':>7} {'tokens':>7}")
+    print(f"{'step':<13} {'count':>6} {'exact':>7} {'tokens':>7}")
     for kind, row in result.items():
-        print(f"{kind:<11} {row['steps']:>6} {row['exact']:>7.1%} {row['token_accuracy']:>7.1%}")
+        print(f"{kind:<13} {row['steps']:>6} {row['exact']:>7.1%} {row['token_accuracy']:>7.1%}")
     print(json.dumps({"model": str(args.model), "problems": args.limit, "steps": result}))
 
 

@@ -275,12 +275,13 @@ def test_shipped_checkpoint_runs_as_served_and_solves_fixed_problems() -> None:
 
 
 def test_diagnose_counts_every_step_of_the_search_once() -> None:
-    """The teacher-forced diagnosis sees each generated segment once, sorted by kind, and
-    each leaf verdict once; a step is exact only when all its tokens are."""
+    """The teacher-forced diagnosis sees each generated segment once, sorted by kind, each
+    leaf verdict once and each computed result once (by operator and size); a step is exact
+    only when all its tokens are."""
     import torch
     from transformers import LlamaForCausalLM
 
-    from countdown.diagnose import diagnose
+    from countdown.diagnose import RESULT, diagnose
     from countdown.train import model_config
 
     tokenizer = build()
@@ -291,12 +292,18 @@ def test_diagnose_counts_every_step_of_the_search_once() -> None:
     chosen = problems.generate(3, seed=13)
     result = diagnose(model, chosen)
     searches = [traces.parallel(p) for p in chosen]
-    leaves = [s.text for segs in searches for s in segs if s.generated and not s.text.startswith("<Parallel>")]
+    generated = [s for segs in searches for s in segs if s.generated]
+    leaves = [s.text for s in generated if not s.text.startswith("<Parallel>")]
     leaf_tries = [line for text in leaves for line in text.splitlines() if ":" in line]  # `a+b=r:T` lines
     ends = {kind: row["steps"] for kind, row in result.items() if kind.endswith((" end", " chain"))}
     assert result["root fork"]["steps"] == ends.get("root end", 0) + ends.get("root chain", 0) == 3
-    chains = [s for segs in searches for s in segs if s.generated and s.thread != 0 and "," in s.text]
+    chains = [s for s in generated if s.thread != 0 and "," in s.text]
     assert ends.get("child chain", 0) == len(chains)  # a child that found the target concludes with its chain
     assert result["leaf hit"]["steps"] == sum(line.endswith(" found") for line in leaf_tries)
     assert result["leaf miss"]["steps"] == sum(not line.endswith(" found") for line in leaf_tries)
+    computed = [m for s in generated if "," not in s.text for m in RESULT.finditer(s.text)]  # chains: copies
+    arithmetic = {kind: row["steps"] for kind, row in result.items() if kind.startswith(("outline ", "try "))}
+    assert sum(arithmetic.values()) == len(computed)
+    products = [m for m in computed if m[1] == "*" and len(m[2]) == 3 and m.string.startswith("<Parallel>")]
+    assert arithmetic.get("outline * 3d", 0) == len(products)
     assert all(0 <= row["exact"] <= row["token_accuracy"] <= 1 for row in result.values())
