@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from countdown import problems as countdown_problems
-from countdown.traces import SERVE_OPTIONS, prompt
+from countdown.traces import SERVE_OPTIONS, prompt, solution_kind
 from countdown.verify import check_answer, claims_found, final_answer, verify_claim
 from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
@@ -110,7 +110,21 @@ def summary(outcomes: list[Outcome]) -> dict:
         "mean_tokens": statistics.mean(o.result.usage.generated_tokens for o in outcomes),
         "mean_critical_path_tokens": statistics.mean(o.result.usage.critical_path_tokens for o in outcomes),
         "root_fanout": dict(sorted(Counter(o.root_fanout for o in outcomes).items())),
+        "by_solution": by_solution(outcomes),
     }
+
+
+def by_solution(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
+    """Accuracy by the operators the traces' search needs for each problem (`solution_kind`):
+    where a model that follows the search is let down by its arithmetic (divisions, products)."""
+    total: Counter[str] = Counter()
+    solved: Counter[str] = Counter()
+    for o in outcomes:
+        kind = solution_kind(o.problem)
+        total[kind] += 1
+        solved[kind] += o.correct
+    kinds = ("+-", "*", "/", "none")
+    return {kind: {"n": total[kind], "accuracy": solved[kind] / total[kind]} for kind in kinds if total[kind]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         f"median latency {result['median_latency_s']:.2f} s, {result['mean_threads']:.1f} threads, "
         f"{result['mean_tokens']:.0f} tokens ({result['mean_critical_path_tokens']:.0f} on the critical path)"
     )
+    parts = (f"{kind} {row['accuracy']:.0%} of {row['n']}" for kind, row in result["by_solution"].items())
+    print(f"by the operators the search's solution needs: {', '.join(parts)}")
     print(json.dumps(result))
 
 

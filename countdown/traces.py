@@ -152,6 +152,15 @@ def search(state: tuple[int, ...], target: int, cap: int | None = None, path: tu
     return node
 
 
+def solution_kind(problem: Problem) -> str:
+    """Which operators the search's own solution needs: "/" (a division), "*" (a product and
+    no division), "+-" (neither), or "none" (the search cannot solve the problem)."""
+    found = search(tuple(sorted(problem.nums, reverse=True)), problem.target).found
+    if found is None:
+        return "none"
+    return next((op for op in "/*" if op in found), "+-")
+
+
 def _leaf(state: tuple[int, ...], target: int) -> Node:
     """Each try writes its result next to the target (`66-17=49:49 found`): the model compares
     two numbers side by side (comparing with the header's target, a line or more back,

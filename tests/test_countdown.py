@@ -140,6 +140,20 @@ def test_fanout_varies_with_the_problem_and_respects_the_cap() -> None:
 
 
 @pytest.mark.parametrize(
+    ("problem", "kind"),
+    [
+        (Problem((44, 12, 8, 3), 43), "+-"),  # 44-12=32,32+8=40,40+3=43
+        (Problem((37, 16, 32, 6), 14), "*"),  # 37-32=5,6*5=30,30-16=14
+        (Problem((55, 35, 24, 10), 12), "/"),  # 55-35=20,24*10=240,240/20=12: a division and a product
+        (Problem((55, 17, 4, 42), 57), "none"),  # solvable, not by the search's two root pairs
+    ],
+)
+def test_solution_kind_names_the_operators_the_search_needs(problem: Problem, kind: str) -> None:
+    assert traces.solution_kind(problem) == kind
+    assert solve(tuple(sorted(problem.nums, reverse=True)), problem.target) is not None
+
+
+@pytest.mark.parametrize(
     ("answer", "ok"),
     [
         ("44+8=52,52-12=40,40+3=43", True),
@@ -259,7 +273,7 @@ def test_shipped_checkpoint_runs_as_served_and_solves_fixed_problems() -> None:
     """The shipped model loads and runs as served: it forks (its own fan-out), nested
     threads join, every answer is checked exactly, no KV is left behind, and it solves a
     handful of fixed problems."""
-    from countdown.evaluate import evaluate
+    from countdown.evaluate import evaluate, summary
     from engine.engine import Engine
 
     engine = Engine(SHIPPED, kv_cache_bytes=256 * 2**20)  # 12 searches of ~40 threads at once
@@ -270,6 +284,9 @@ def test_shipped_checkpoint_runs_as_served_and_solves_fixed_problems() -> None:
     assert any(node.depth == 2 for o in outcomes for node in o.result.threads)  # children fork too
     assert all(final_answer(o.result.text) for o in outcomes)
     assert [o.correct for o in outcomes[-len(SOLVED) :]] == [True] * len(SOLVED)
+    by_solution = summary(outcomes)["by_solution"]
+    assert sum(row["n"] for row in by_solution.values()) == len(outcomes)
+    assert by_solution["none"]["accuracy"] == 0  # what the search cannot solve, its model cannot either
     engine.cache.check_integrity()
     assert engine.cache.stats().used_blocks == 0
 
