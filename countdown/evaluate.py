@@ -8,7 +8,8 @@ The parallel model runs with the ThreadWeaver protocol, the `first_success` join
 and the exact-arithmetic verifier at every join (`--no-verifier` turns it off, to see the
 model alone). A sequential model runs as one thread. Every final answer is checked
 exactly: arithmetic re-done, each input used once, the target reached. Prints a progress
-bar, a summary, and last a line of JSON.
+bar, a summary, the accuracy by the operators the search's solution needs (+-, *, /, or
+none: the search cannot solve it), and last a line of JSON.
 """
 
 from __future__ import annotations
