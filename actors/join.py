@@ -76,6 +76,7 @@ class Samples:
         """Record sample `index`'s result; the samples it makes unnecessary (to cancel)."""
         sample = self.items[index]
         sample.result, sample.finished_at = result, self._finished
+        sample.cancelled = False  # a cancel sent while its result was on its way: it ran to the end
         self._finished += 1
         sample.answer = self.task.answer(result["text"])
         if self.task.accepted is not None:

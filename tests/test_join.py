@@ -66,6 +66,16 @@ def test_first_success_cancels_the_rest_of_its_prompt_and_falls_back_to_the_vote
     assert answer["stats"]["rejects"] == 4
 
 
+def test_a_sample_whose_result_came_after_its_cancel_counts_as_finished() -> None:
+    samples = Samples(["p"], 2, "first_success", CHECK)
+    assert samples.finished(0, result("right")) == [1]
+    samples.cancelled(1)
+    samples.finished(1, result("w"))  # it ended before the cancel reached its replica
+    answer = samples.answer()
+    assert [s["status"] for s in answer["results"][0]["samples"]] == ["finished", "finished"]
+    assert answer["stats"]["cancelled"] == 0
+
+
 def test_all_is_every_sample_and_fails_with_a_failed_one() -> None:
     samples = Samples(["p"], 2, "all", CHECK)
     samples.finished(1, result("b"))
