@@ -52,17 +52,15 @@ def tally(row: list[int], right: list[bool]) -> None:
 
 def results(text: str) -> list[tuple[int, int, str]]:
     """Where each computed result stands in a segment's text, by characters: (start, end, kind),
-    e.g. `outline * 3d`. Chains (lines with a comma) are copies, not computed: left out."""
-    out = []
-    for match in RESULT.finditer(text):
-        line_start = text.rfind("\n", 0, match.start()) + 1
-        line_end = text.find("\n", match.end())
-        if "," in text[line_start : line_end if line_end >= 0 else len(text)]:
-            continue
-        where = "outline" if text.startswith("<Parallel>") else "try"
-        size = "3d" if len(match.group(2)) >= 3 else "2d"
-        out.append((match.start(2), match.end(2), f"{where} {match.group(1)} {size}"))
-    return out
+    e.g. `outline * 3d`. A conclusion with a chain (a comma, as in `step_kind`) copies its
+    results: left out."""
+    if "," in text:
+        return []
+    where = "outline" if text.startswith("<Parallel>") else "try"
+    return [
+        (m.start(2), m.end(2), f"{where} {m.group(1)} {'3d' if len(m.group(2)) >= 3 else '2d'}")
+        for m in RESULT.finditer(text)
+    ]
 
 
 def diagnose(model: LlamaForCausalLM, search_problems: list[problems.Problem]) -> dict[str, dict[str, float]]:
