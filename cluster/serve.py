@@ -36,11 +36,12 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from actors import metrics
 from actors.join import SAMPLE_JOINS, Join
@@ -153,6 +155,32 @@ async def end_join(join: Any) -> None:
     with contextlib.suppress(ray.exceptions.RayError, TimeoutError):  # gone already, or stuck: killed all the same
         await asyncio.wait_for(join.close.remote(), JOIN_CLOSE_S)
     ray.kill(join)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent `events`, and `close(ended)` run once however the response ends: sent to
+    its end (`ended`), or cut off when the client went away. Serve then cancels the response
+    where it waits: at a `send`, the generator would stay suspended at its `yield`, its
+    `finally` run only when the garbage collector finds it (seconds later, or minutes: the
+    cancel's traceback holds its frame), so the request's cleanup cannot live there."""
+
+    def __init__(self, events: AsyncIterator[str], close: Callable[[bool], None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.close = close
+        self.ended = False
+
+    async def stream_response(self, send: Send) -> None:
+        await super().stream_response(send)
+        self.ended = True  # every event sent, the last one included
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await self.body_iterator.aclose()  # no await inside: completes though cancelled
+            finally:
+                self.close(self.ended)
 
 
 # Serve's own default (a handful of requests per ingress replica, the rest queued in front of
@@ -276,9 +304,10 @@ class BraidAPI:
                 except (ray.exceptions.RayError, TimeoutError) as error:
                     ray.cancel(events)
                     raise self._failed(error, options) from error
-                stream = self._stream(events, join, options, shape, body.thread_events, key, end)
+                stream = self._stream(events, options, shape, body.thread_events, end)
+                close = functools.partial(self._stream_closed, key, join)
                 join = None  # the stream ends it
-                return StreamingResponse(stream, media_type="text/event-stream")
+                return EventStream(stream, close)
             if join is None:
                 call = self.coordinator.generate.remote(prompts[0], options, received)
             else:
@@ -309,14 +338,13 @@ class BraidAPI:
         return shape.response(results)
 
     async def _stream(
-        self, events: Any, join: Any, options: dict, shape: Shape, thread_events: bool, key: str | None, end: float
+        self, events: Any, options: dict, shape: Shape, thread_events: bool, end: float
     ) -> AsyncIterator[str]:
         """The stream of an admitted request (`events`: the coordinator's or its Join's, past
         "admitted"; a Join's events carry their choice's `index`), given up at `end`
         (time.time()) if they stop coming. When the client goes away mid-stream, Serve cancels
         this request, and Ray the tasks it started (recursively) down to the replicas' streams,
         which cancels the requests there: their threads stop and their KV is freed."""
-        ended = False
         results: dict[int, dict] = {}
         try:
             while (event := await asyncio.wait_for(next_event(events), end - time.time())) is not None:
@@ -337,21 +365,21 @@ class BraidAPI:
                     results[index] = event["result"]
                     self._observe(event["result"], options)
                     yield sse(shape.finish_chunk(index, event["result"]))
-            ended = True
             if shape.include_usage and results:
                 yield sse(shape.usage_chunk(results))
         except (ray.exceptions.RayError, TimeoutError) as error:
-            ended = True
             ray.cancel(events)  # the rest of the request goes with the failed part
             failure = self._failed(error, options)
             yield sse({"error": {"message": failure.message, "type": failure.kind, "code": failure.status}})
-        finally:
-            self.keys.release(key)
-            if join is not None:
-                self._end_join(join)
-            if not ended:
-                metrics.ERRORS.labels(self.model, "client_gone").inc()
         yield "data: [DONE]\n\n"
+
+    def _stream_closed(self, key: str | None, join: Any, ended: bool) -> None:
+        """A stream's end (`EventStream`): its key's slot and its Join actor are released."""
+        self.keys.release(key)
+        if join is not None:
+            self._end_join(join)
+        if not ended:
+            metrics.ERRORS.labels(self.model, "client_gone").inc()
 
     def _take_join(self) -> Any:
         """A new Join actor for this request. One is started ahead, so that a request does not

@@ -3,6 +3,8 @@ HTTP, streaming and not, latency budgets, and bad requests answered with a clear
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -19,7 +21,7 @@ from ray import serve
 from cache_service.transfer import free_port
 from cluster.auth import Access
 from cluster.config import ClusterConfig
-from cluster.serve import PATIENT_SERVE, BraidAPI
+from cluster.serve import PATIENT_SERVE, BraidAPI, EventStream
 from countdown.traces import SERVE_OPTIONS
 
 MODEL = Path(__file__).resolve().parents[1] / "countdown" / "model"
@@ -311,6 +313,51 @@ def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server
         assert time.monotonic() - start < 10, "the request's Join actor outlived it"
         time.sleep(0.1)
     assert requests.post(f"{server[0]}/v1/completions", json={"prompt": PROMPT}, headers=AUTH, timeout=120).ok
+
+
+# Starlette streams two ways: with a disconnect listener (ASGI 2.0), without (2.4).
+@pytest.mark.parametrize("spec_version", ["2.0", "2.4"])
+@pytest.mark.parametrize("client_leaves", [True, False])
+def test_an_event_stream_is_closed_and_its_request_released_however_it_ends(spec_version: str, client_leaves: bool):
+    # The client goes away while the response sends the second event: Serve cancels the
+    # response there, with its generator suspended at a `yield` (a flaky full-suite run kept a
+    # Join request's key slot for good this way). Its cleanup runs at once all the same.
+    closed: list[bool] = []
+    generator_state: list[str] = []
+
+    async def events():
+        try:
+            for i in range(3):
+                yield f"data: {i}\n\n"
+            generator_state.append("done")
+        finally:
+            generator_state.append("closed")
+
+    async def run() -> None:
+        sending = asyncio.Event()
+        sent: list[bytes] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message.get("body", b""))
+            if client_leaves and len(sent) == 3:  # response start, first event, second event
+                sending.set()
+                await asyncio.Event().wait()  # the client's socket is gone: this send never returns
+
+        async def receive() -> dict:
+            await asyncio.Event().wait()  # no disconnect message: Serve cancels the request instead
+            return {}
+
+        scope = {"type": "http", "asgi": {"spec_version": spec_version}}
+        response = asyncio.ensure_future(EventStream(events(), closed.append)(scope, receive, send))
+        if client_leaves:
+            await sending.wait()
+            response.cancel()
+        with pytest.raises(asyncio.CancelledError) if client_leaves else contextlib.nullcontext():
+            await response
+
+    asyncio.run(run())
+    assert closed == [not client_leaves]  # once: the request's key and Join released, its client counted gone or not
+    assert generator_state == (["closed"] if client_leaves else ["done", "closed"])
 
 
 def client_gone_count(server) -> float:
