@@ -18,6 +18,7 @@ and it waits to be recomputed (its prefix is often still in the prefix index).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
@@ -180,7 +181,9 @@ class Scheduler:
         self.waiting.remove(thread)
         thread.seq = self.cache.allocate(thread.token_ids)
         thread.state = ThreadState.RUNNING
-        self.running.append(thread)
+        # In urgency order: the threads after one in `running` are the ones a step has not
+        # scheduled yet, the only victims `_give_slots` may preempt.
+        bisect.insort(self.running, thread, key=urgency)
         return True
 
     def _give_slots(self, thread: Thread) -> bool:

@@ -120,6 +120,27 @@ def test_more_threads_than_blocks_all_complete_correctly(checkpoint: Path) -> No
     assert small.cache.stats().used_blocks == 0
 
 
+def test_a_thread_admitted_this_step_is_never_the_victim_of_a_less_urgent_one(checkpoint: Path) -> None:
+    # A resumed thread needs 3 more blocks (a join's text); an urgent new thread is admitted
+    # first in the same step and leaves one free. The resumed one must preempt itself, not the
+    # thread just admitted (its chunk already in the step: computing it would find no KV).
+    engine = engine_with_blocks(checkpoint, 5)
+    resumed = engine.add_thread(random_tokens(6, seed=1), SamplingParams(max_new_tokens=6))
+    engine.step()
+    engine.pause(resumed)
+    engine.resume(resumed, random_tokens(24, seed=2))
+    urgent_prompt = random_tokens(24, seed=3)
+    urgent = engine.add_thread(urgent_prompt, SamplingParams(max_new_tokens=4))
+    urgent.deadline = 0.0  # earliest deadline: the most urgent thread of the step
+    while engine.has_work():
+        engine.step()
+    assert urgent.num_preemptions == 0 and resumed.num_preemptions == 1
+    assert urgent.output_ids == hf_greedy(load_reference(checkpoint), urgent_prompt, 4)
+    assert resumed.finish_reason == "length"
+    engine.cache.check_integrity()
+    assert engine.cache.stats().used_blocks == 0
+
+
 def test_prompt_larger_than_the_pool_fails_cleanly(checkpoint: Path) -> None:
     engine = engine_with_blocks(checkpoint, 4)
     big = engine.add_thread(random_tokens(40, seed=1), SamplingParams(max_new_tokens=4))
