@@ -145,10 +145,10 @@ def test_prompt_lists_and_n_give_a_choice_each_streamed_or_not(server) -> None:
     assert done.choices[0].text != done.choices[1].text  # each choice its own seed
     # Streamed or not, the same seeds give the same samples. One thread each (max_depth 0): a
     # search's text also depends on which of its children succeeded first, and so on the load.
-    alone = {**sampled, "max_tokens": 200, "extra_body": {"max_depth": 0}}
-    whole = client(server).completions.create(model=NAME, prompt=PROMPT, n=2, **alone)
+    one_thread = {**sampled, "max_tokens": 200, "extra_body": {"max_depth": 0}}
+    whole = client(server).completions.create(model=NAME, prompt=PROMPT, n=2, **one_thread)
     assert whole.choices[0].text != whole.choices[1].text
-    chunks = list(client(server).completions.create(model=NAME, prompt=PROMPT, n=2, stream=True, **alone))
+    chunks = list(client(server).completions.create(model=NAME, prompt=PROMPT, n=2, stream=True, **one_thread))
     finished = [c.choices[0].index for c in chunks if c.choices[0].finish_reason]
     assert sorted(finished) == [0, 1]
     texts = ["".join(c.choices[0].text for c in chunks if c.choices[0].index == i) for i in (0, 1)]
