@@ -12,6 +12,7 @@ cannot be built the engine logs why and runs every step in PyTorch.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import fields
 from functools import cache
 from pathlib import Path
@@ -31,13 +32,21 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
 # and call glibc's vector expf (logits stay within the tests' 1e-4 of transformers); it is
 # not passed to the linker, which would set flush-to-zero for the whole process.
 CFLAGS = ["-O3", "-fopenmp", "-ffast-math"]
+NAME = "braid_decode_step"
+# A build takes under a minute (20 s on one core here). A build lock this old was left by a
+# process killed while it built, and torch would wait on it for good: every replica start would hang.
+STALE_LOCK_S = 600
 
 
 @cache
 def extension() -> ModuleType | None:
     """The compiled module, or None (logged) when it cannot be built here."""
     try:
-        return cpp_extension.load("braid_decode_step", [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+        lock = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            log.warning("removing %s, a build lock left by a process killed while it built", lock)
+            lock.unlink(missing_ok=True)
+        return cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler, no ninja, ...: the PyTorch path still runs
         log.warning("fused decode step unavailable, decoding in PyTorch: %s: %s", type(err).__name__, err)
         return None

@@ -3,14 +3,20 @@ bf16 as close as transformers' own bf16)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cache_service import Sequence
+from engine import decode_step
 from engine.attention import build_batch
 from engine.model import resolve_dtype
 from engine.model_runner import Chunk, ModelRunner
@@ -231,3 +237,20 @@ def test_the_serving_dtype_is_the_checkpoints_except_fp32_on_cuda() -> None:
     assert resolve_dtype("float16", config, "cuda:0") == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", config, "cpu")
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_start() -> None:
+    # torch waits on an existing lock for good; a replica killed mid-build left one (seen: every
+    # later replica start hung in `ModelRunner.__init__`). A fresh process stands for the next start.
+    assert decode_step.extension() is not None  # built (make test installs g++), so the next load only checks
+    lock = Path(cpp_extension._get_build_directory(decode_step.NAME, verbose=False)) / "lock"
+    lock.touch()
+    old = time.time() - decode_step.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    try:
+        start = [sys.executable, "-c", "from engine import decode_step; assert decode_step.extension()"]
+        done = subprocess.run(start, capture_output=True, text=True, timeout=120, cwd=MODEL_DIR.parents[1])
+    finally:
+        lock.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "killed while it built" in done.stderr

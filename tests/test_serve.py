@@ -256,6 +256,12 @@ def test_api_keys_are_required_checked_and_limited_per_key(server) -> None:
     assert not any(wrong in f.read_text(errors="ignore") for f in logs.rglob("*") if f.is_file())
 
 
+def threads(replica) -> tuple[int, int]:
+    """(running, waiting) threads on a replica."""
+    load = ray.get(replica.load_dict.remote())
+    return load["running"], load["waiting"]
+
+
 def alive_joins() -> int:
     """Join actors alive on the cluster (the ingress keeps one started ahead, for the next request)."""
     from ray._private import state
@@ -297,8 +303,10 @@ def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server
     gone = client_gone_count(server)
     if stream:
         reply = requests.post(f"{server[0]}/v1/completions", json=body, headers=AUTH, stream=True, timeout=60)
-        next(line for line in reply.iter_lines() if line)  # under way
-        assert ray.get(replica.load_dict.remote())["running"] > 0
+        first = next(line for line in reply.iter_lines() if line)
+        # Under way: it holds KV (read under the replica's lock; its running threads, read without,
+        # can be none for an instant: a step has just parked a parent and not yet queued its children).
+        assert reply.status_code == 200 and ray.get(replica.cache_report.remote())["used_blocks"] > 0, first
         reply.close()  # the client goes away
     else:
         try:  # the client gives up after 0.5 s and goes away
@@ -307,7 +315,7 @@ def test_a_client_gone_mid_request_has_its_threads_cancelled_and_kv_freed(server
         except requests.ReadTimeout:
             pass
     start = time.monotonic()
-    while ray.get(replica.load_dict.remote())["running"] or ray.get(replica.cache_report.remote())["used_blocks"]:
+    while sum(threads(replica)) or ray.get(replica.cache_report.remote())["used_blocks"]:
         assert time.monotonic() - start < 5, "the request's threads still run after its client left"
         time.sleep(0.1)
     while client_gone_count(server) < gone + 1:  # counted when the cancel reaches the ingress
