@@ -143,15 +143,23 @@ def examples(
     keep: int = 0,
     decision_weight: float = 1.0,
     chain_weight: float = 1.0,
+    oversample: int = 1,
 ) -> list[Example]:
+    """The training searches. A problem whose search's solution needs a product or a division
+    enters `oversample` times, each with its own fan-out cap and kept children: the arithmetic
+    the models get wrong most (docs/countdown.md) is on the winning path of few searches."""
     rng = random.Random(seed)
     out = []
     for problem in problems.splits(count, 0, 0)["train"]:
-        cap = traces.sample_threads(rng)
-        segments = traces.sequential(problem, cap) if fmt == "sequential" else traces.parallel(problem, cap, keep, rng)
-        example = encode(tokenizer, segments, eos, root_weight, decision_weight, chain_weight)
-        if len(example.ids) <= MAX_LEN:
-            out.append(example)
+        for _ in range(oversample if traces.solution_kind(problem) in ("*", "/") else 1):
+            cap = traces.sample_threads(rng)
+            if fmt == "sequential":
+                segments = traces.sequential(problem, cap)
+            else:
+                segments = traces.parallel(problem, cap, keep, rng)
+            example = encode(tokenizer, segments, eos, root_weight, decision_weight, chain_weight)
+            if len(example.ids) <= MAX_LEN:
+                out.append(example)
     return out
 
 
@@ -231,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root-weight", type=float, default=4.0, help="loss weight of the root thread's tokens")
     parser.add_argument("--decision-weight", type=float, default=10.0, help="loss weight of a try's verdict token")
     parser.add_argument("--chain-weight", type=float, default=1.0, help="loss weight of a line carrying a chain")
+    parser.add_argument("--oversample", type=int, default=1, help="copies of a problem whose solution needs * or /")
     parser.add_argument("--keep", type=int, default=2, help="children packed per fork (0: all; parallel only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 
     started = time.time()
     data = examples(args.format, args.problems, args.seed, tokenizer, eos, args.root_weight, args.keep,
-                    args.decision_weight, args.chain_weight)  # fmt: skip
+                    args.decision_weight, args.chain_weight, args.oversample)  # fmt: skip
     tokens = sum(len(example.ids) for example in data)
     print(f"{len(data)} sequences, {tokens} tokens from {args.problems} problems ({time.time() - started:.0f}s)")
 
@@ -345,6 +354,7 @@ def main(argv: list[str] | None = None) -> None:
                 "keep": args.keep,
                 "decision_weight": args.decision_weight,
                 "chain_weight": args.chain_weight,
+                "oversample": args.oversample,
             }
             (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     progress.close()

@@ -4,6 +4,7 @@ shipped checkpoint solving problems through Braid's engine."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,29 @@ def test_loss_weighs_the_root_the_verdicts_and_the_chains() -> None:
     leaf = segments.index(traces.Segment("40+3=43:43 found\n</Thread>", True, 28, 13))
     assert weights(leaf) == [1.0] * 10 + [10.0] + [1.0] * 7  # only its verdict weighs more
     assert all(w == 0 for i, s in enumerate(segments) if not s.generated for w in weights(i))
+
+
+def test_oversampling_repeats_the_problems_whose_solution_needs_a_product_or_a_division() -> None:
+    from collections import Counter
+
+    from countdown.train import examples
+
+    tokenizer = build()
+    eos = tokenizer.token_to_id("<eos>")
+    train = problems.splits(40, 0, 0)["train"]
+    kinds = {traces.prompt(p): traces.solution_kind(p) for p in train}
+
+    def copies(oversample: int) -> Counter[str]:
+        data = examples("parallel", 40, 0, tokenizer, eos, keep=2, oversample=oversample)
+        prompts = (tokenizer.decode([t for t, s in zip(e.ids, e.segment, strict=True) if s == 0]) for e in data)
+        return Counter(re.sub(r"^T\d+ ", "", text) for text in prompts)  # the same problem under any fan-out cap
+
+    # A copy whose search (under its own fan-out cap) is too long to train on is left out: rare.
+    once, thrice = copies(1), copies(3)
+    assert max(once.values()) == 1 and {"*", "/", "+-"} <= {kinds[p] for p in thrice}
+    assert all(n <= (3 if kinds[p] in ("*", "/") else 1) for p, n in thrice.items())
+    hard = [n for p, n in thrice.items() if kinds[p] in ("*", "/")]
+    assert sum(hard) >= 2.5 * len(hard)
 
 
 def test_training_resumes_where_it_stopped(tmp_path: Path) -> None:
