@@ -151,7 +151,8 @@ def examples(
     rng = random.Random(seed)
     out = []
     for problem in problems.splits(count, 0, 0)["train"]:
-        for _ in range(oversample if traces.solution_kind(problem) in ("*", "/") else 1):
+        hard = oversample > 1 and traces.solution_kind(problem) in ("*", "/")  # a second search: only if asked
+        for _ in range(oversample if hard else 1):
             cap = traces.sample_threads(rng)
             if fmt == "sequential":
                 segments = traces.sequential(problem, cap)

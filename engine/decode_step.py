@@ -38,11 +38,16 @@ NAME = "braid_decode_step"
 STALE_LOCK_S = 600
 
 
+def build_lock() -> Path:
+    """The lock torch's `cpp_extension` holds while it builds this extension."""
+    return Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock"
+
+
 @cache
 def extension() -> ModuleType | None:
     """The compiled module, or None (logged) when it cannot be built here."""
     try:
-        lock = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / "lock"
+        lock = build_lock()
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             log.warning("removing %s, a build lock left by a process killed while it built", lock)
             lock.unlink(missing_ok=True)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cache_service import Sequence
@@ -243,7 +242,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_hang_the_next_start() -> N
     # torch waits on an existing lock for good; a replica killed mid-build left one (seen: every
     # later replica start hung in `ModelRunner.__init__`). A fresh process stands for the next start.
     assert decode_step.extension() is not None  # built (make test installs g++), so the next load only checks
-    lock = Path(cpp_extension._get_build_directory(decode_step.NAME, verbose=False)) / "lock"
+    lock = decode_step.build_lock()
     lock.touch()
     old = time.time() - decode_step.STALE_LOCK_S - 1
     os.utime(lock, (old, old))
