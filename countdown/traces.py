@@ -87,10 +87,11 @@ class Node:
         return f"<Parallel>\n<Outlines>\n{outlines}</Outlines>"
 
     def join_text(self) -> str:
-        """What Braid's ThreadWeaver join writes under first_success."""
+        """What Braid's ThreadWeaver join writes under first_success: the child that found
+        the target, or none of them when none did."""
         if not self.children:
             return ""
-        joined = [self.winner] if self.winner is not None else range(len(self.children))
+        joined = [self.winner] if self.winner is not None else []
         return "".join(f"\n{self.header(i)}{self.children[i].text()}" for i in joined) + "\n</Parallel>\n"
 
     def text(self) -> str:

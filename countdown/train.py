@@ -31,7 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from countdown import problems, traces
 from countdown.tokenizer import EOS, PAD, build, save
 
-MAX_LEN = 2048  # longer packed searches (rare: every child failed and all are joined) are skipped
+MAX_LEN = 2048  # longer packed searches are skipped (the trained context)
 
 
 def model_config(vocab: int, eos: int, pad: int, size: str = "small") -> LlamaConfig:

@@ -402,12 +402,19 @@ class ForkJoinEngine:
         fork.results[node.index] = result
         if fork.kept is not None:  # the join is decided already (first_success)
             return
-        policy = req.options.join_policy
-        if policy == "first_success" and succeeded:
+        if req.options.join_policy == "first_success" and succeeded:
             fork.kept = [result]
         elif not fork.queue and all(r is not None for r in fork.results):
-            done = [r for r in fork.results if r is not None]
-            fork.kept = self._vote(req.protocol, done) if policy == "vote" else done
+            fork.kept = self._kept(req, [r for r in fork.results if r is not None])
+
+    def _kept(self, req: _Request, results: list[ChildResult]) -> list[ChildResult]:
+        """What a join holds once no child is left to wait for: under `first_success` none
+        succeeded, so none (their text would only lengthen the parent's context and cost a
+        prefill); under `vote` the majority's; under `all` every one."""
+        policy = req.options.join_policy
+        if policy == "first_success":
+            return []
+        return self._vote(req.protocol, results) if policy == "vote" else results
 
     @staticmethod
     def _vote(protocol: Protocol, results: list[ChildResult]) -> list[ChildResult]:
@@ -506,7 +513,7 @@ class ForkJoinEngine:
                 if child is not None and fork.results[index] is None and child.state in LIVE:
                     self._child_done(req, child, "truncated")
             if fork.kept is None:  # (first_success may have decided it just now)
-                fork.kept = [r for r in fork.results if r is not None]
+                fork.kept = self._kept(req, [r for r in fork.results if r is not None])
             req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: early join: deadline")
 
     # ---- the request's end -----------------------------------------------------------

@@ -27,17 +27,18 @@ class ForkJoinOptions:
     - `child_max_tokens`: tokens one child may generate; a child cut there has its block
       closed by the protocol and is joined marked "truncated".
     - `join_policy`: "all" joins every accepted child; "first_success" joins the first
-      child that succeeds and cancels the rest ("pruned", KV freed at once); "vote" joins
-      the children whose answer is the majority's.
+      child that succeeds and cancels the rest ("pruned", KV freed at once), and when none
+      succeeds joins none (the parent reads an empty join: what failed costs it no
+      context); "vote" joins the children whose answer is the majority's.
     - `max_latency_s`: the request's latency budget, spent by measured step time from the
       request's arrival (`ForkJoinEngine.submit(arrived=...)`; default its submission). The
       root's forks join `ANSWER_STEPS + END_STEPS` steps before the budget, and no later
       than `EARLY_JOIN` of it; a fork at depth d, `ANSWER_STEPS` x d steps earlier. A child
       started under a budget may generate only the tokens that fit before its fork's join
       time (note "token budget N: deadline"; cut there, it is joined "truncated"); at the
-      join time an open fork joins with what its children have (running ones cut and
-      joined "truncated", waiting ones dropped, remote ones "pruned"; note "early join:
-      deadline") and later forks of that depth are refused (note "fork refused:
+      join time an open fork joins, by its policy, what its children have (running ones
+      cut and joined "truncated", waiting ones dropped, remote ones "pruned"; note "early
+      join: deadline") and later forks of that depth are refused (note "fork refused:
       deadline"), so each parent, and the root last, can still conclude;
       `END_STEPS` steps (and the recent slowest step) before the budget the request ends
       with what the root has (`finish_reason="deadline"`).

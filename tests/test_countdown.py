@@ -154,6 +154,18 @@ def test_solution_kind_names_the_operators_the_search_needs(problem: Problem, ki
     assert solve(tuple(sorted(problem.nums, reverse=True)), problem.target) is not None
 
 
+def test_a_fork_where_no_child_found_the_target_joins_none_of_them() -> None:
+    """As Braid's first_success join writes it: a failed fork's parent reads `</Parallel>`
+    right after its outlines and concludes `none`; a fork with a winner joins it alone."""
+    root = traces.search((55, 42, 17, 4), 57, None)  # the search cannot solve it
+    assert root.found is None and root.join_text() == "\n</Parallel>\n"
+    assert root.text().endswith("</Outlines>\n</Parallel>\nnone\n")
+    solved = traces.search((44, 12, 8, 3), 43, None)
+    winner = solved.winner
+    assert winner is not None
+    assert solved.join_text() == f"\n{solved.header(winner)}{solved.children[winner].text()}\n</Parallel>\n"
+
+
 @pytest.mark.parametrize(
     ("answer", "ok"),
     [

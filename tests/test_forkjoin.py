@@ -187,6 +187,22 @@ def test_first_success_cancels_the_rest_and_frees_their_kv(ckpt: Path) -> None:
     )
 
 
+def test_first_success_with_no_success_joins_nothing_of_the_children(ckpt: Path) -> None:
+    """Every child ends without succeeding: the parent reads an empty join (no child text to
+    prefill) and goes on; the children are released, none joined."""
+    scripts = {
+        "Q:": "<Parallel><Outlines><Outline>a</Outline><Outline>b</Outline></Outlines>none",
+        "<Thread>\n1:a\n": "tried a, no</Thread>",
+        "<Thread>\n2:b\n": "tried b at length, no</Thread>",
+    }
+    engine, _ = scripted_engine(ckpt, scripts)
+    fj = ForkJoinEngine(engine, succeeded=lambda text: "yes" in text)
+    (result,) = fj.run(["Q:"], ForkJoinOptions(protocol="threadweaver", join_policy="first_success"))
+    assert engine.cache.stats().used_blocks == 0
+    assert [n.status for n in result.threads[1:]] == ["pruned", "pruned"]  # ended, not joined
+    assert result.text == "<Parallel><Outlines><Outline>a</Outline><Outline>b</Outline></Outlines>\n</Parallel>\nnone"
+
+
 def test_pruning_a_child_also_prunes_its_own_open_fork(ckpt: Path) -> None:
     scripts = {
         "Q:": "<Goal><Outline>a</Outline><Outline>b</Outline></Goal>end",
