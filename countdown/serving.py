@@ -16,8 +16,8 @@ TASK = Task(
     succeeded=claims_found,
     accepted=answer_accepted,
     # The root's `T<n>` cap is what the embedded model was trained to follow; under load T2
-    # solves most of what the uncapped search does at half its tokens (README: 45.0% against
-    # 53.5%); T1 solves 11.5%, T4 as much as the uncapped search at about its latency.
+    # solves most of what the uncapped search does at half its tokens (README: 47.5% against
+    # 55.0%); T1 solves 11.5%, T4 53.5% at 0.9x the uncapped search's latency.
     widths=(None, 2),
     cap_prompt=cap_prompt,
     warm_up=tuple(prompt(p) for p in problems.splits(0, WARM_UP_PROBLEMS, 0)["validation"]),
