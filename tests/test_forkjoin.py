@@ -444,6 +444,29 @@ def test_a_latency_budget_gives_children_token_budgets_then_ends_the_request(ckp
     assert engine.cache.stats().used_blocks == 0
 
 
+def test_a_budget_under_first_success_with_no_success_joins_none_of_the_children(ckpt: Path) -> None:
+    """Under a budget no child succeeds (one ends, one is cut at its token budget): the root
+    reads an empty join and writes its answer, with no cut child's text to prefill first."""
+    scripts = {
+        "Q:": TW_ROOT + "answer " + "more " * 100,
+        "<Thread>\n1:1: a\n": "one</Thread>",
+        "<Thread>\n2:2: b\n": "slow " * 100 + "</Thread>",
+    }
+    engine, _ = scripted_engine(ckpt, scripts)
+    fj = ForkJoinEngine(engine, succeeded=lambda text: "found" in text, clock=StepClock(engine))
+    options = ForkJoinOptions(
+        protocol="threadweaver",
+        join_policy="first_success",
+        max_latency_s=1.0,
+        sampling=SamplingParams(max_new_tokens=400),
+    )
+    (result,) = fj.run(["Q:"], options)
+    _, fast, slow = result.threads
+    assert [fast.status, slow.status] == ["pruned", "pruned"] and slow.generated_tokens == 50
+    assert result.text.startswith(TW_ROOT + "\n</Parallel>\nanswer more")
+    assert engine.cache.stats().used_blocks == 0
+
+
 def test_no_fork_once_the_join_time_has_passed(ckpt: Path) -> None:
     result, _ = run_with_budget(ckpt, {"Q:": TW_ROOT + "answer"}, 0.4)  # joins due at 0.05 s: fork at 0.15 s
     assert [n.notes for n in result.threads] == [["fork refused: deadline"]]
