@@ -38,10 +38,10 @@ def plain_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run(
-    ckpt: Path, scripts: dict[str, str], verifier=None, prompt: str = "Q:", **options: object
+    ckpt: Path, scripts: dict[str, str], verifier=None, prompt: str = "Q:", succeeded=None, **options: object
 ) -> tuple[ForkJoinResult, ForkJoinEngine, Scripts]:
     engine, forced = scripted_engine(ckpt, scripts)
-    fj = ForkJoinEngine(engine, verifier)
+    fj = ForkJoinEngine(engine, verifier, succeeded=succeeded)
     options.setdefault("sampling", SamplingParams(max_new_tokens=200))
     (result,) = fj.run([prompt], ForkJoinOptions(**options))
     engine.cache.check_integrity()
@@ -195,10 +195,9 @@ def test_first_success_with_no_success_joins_nothing_of_the_children(ckpt: Path)
         "<Thread>\n1:a\n": "tried a, no</Thread>",
         "<Thread>\n2:b\n": "tried b at length, no</Thread>",
     }
-    engine, _ = scripted_engine(ckpt, scripts)
-    fj = ForkJoinEngine(engine, succeeded=lambda text: "yes" in text)
-    (result,) = fj.run(["Q:"], ForkJoinOptions(protocol="threadweaver", join_policy="first_success"))
-    assert engine.cache.stats().used_blocks == 0
+    result, _, _ = run(
+        ckpt, scripts, succeeded=lambda text: "yes" in text, protocol="threadweaver", join_policy="first_success"
+    )
     assert [n.status for n in result.threads[1:]] == ["pruned", "pruned"]  # ended, not joined
     assert result.text == "<Parallel><Outlines><Outline>a</Outline><Outline>b</Outline></Outlines>\n</Parallel>\nnone"
 
@@ -414,12 +413,14 @@ class StepClock:
         return 0.01 * self.steps
 
 
-def run_with_budget(ckpt: Path, scripts: dict[str, str], budget_s: float) -> tuple[ForkJoinResult, Engine]:
+def run_with_budget(
+    ckpt: Path, scripts: dict[str, str], budget_s: float, succeeded=None, **options: object
+) -> tuple[ForkJoinResult, Engine]:
     """A ThreadWeaver request with a latency budget, timed by a clock of 10 ms per engine step."""
     engine, _ = scripted_engine(ckpt, scripts)
-    fj = ForkJoinEngine(engine, clock=StepClock(engine))
+    fj = ForkJoinEngine(engine, succeeded=succeeded, clock=StepClock(engine))
     options = ForkJoinOptions(
-        protocol="threadweaver", max_latency_s=budget_s, sampling=SamplingParams(max_new_tokens=400)
+        protocol="threadweaver", max_latency_s=budget_s, sampling=SamplingParams(max_new_tokens=400), **options
     )
     (result,) = fj.run(["Q:"], options)
     return result, engine
@@ -452,15 +453,7 @@ def test_a_budget_under_first_success_with_no_success_joins_none_of_the_children
         "<Thread>\n1:1: a\n": "one</Thread>",
         "<Thread>\n2:2: b\n": "slow " * 100 + "</Thread>",
     }
-    engine, _ = scripted_engine(ckpt, scripts)
-    fj = ForkJoinEngine(engine, succeeded=lambda text: "found" in text, clock=StepClock(engine))
-    options = ForkJoinOptions(
-        protocol="threadweaver",
-        join_policy="first_success",
-        max_latency_s=1.0,
-        sampling=SamplingParams(max_new_tokens=400),
-    )
-    (result,) = fj.run(["Q:"], options)
+    result, engine = run_with_budget(ckpt, scripts, 1.0, lambda text: "found" in text, join_policy="first_success")
     _, fast, slow = result.threads
     assert [fast.status, slow.status] == ["pruned", "pruned"] and slow.generated_tokens == 50
     assert result.text.startswith(TW_ROOT + "\n</Parallel>\nanswer more")
