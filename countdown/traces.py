@@ -13,7 +13,7 @@ the root's fan-out at n.
   seeing exactly the context Braid gives it — its parent's context, its header
   `<Thread>\\n{i}:`, and, after a join, the children's text as Braid's ThreadWeaver
   protocol writes it. With `first_success`, the join holds the first child that found
-  the target, or every child when none did. Training packs the tree into one sequence
+  the target, or none of them when none did. Training packs the tree into one sequence
   with a tree attention mask, so a shared context is computed once, not once per thread.
 - sequential: the same search in one thread (the APR paper's SoS+ baseline): children
   written inline, in order, until one succeeds; tags become plain characters so Braid
