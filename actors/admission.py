@@ -54,6 +54,22 @@ SCALE_LIMIT = 2.0  # the correction stays within [1 / this, this]
 CUT_PENALTY = 1.25  # a request cut at its deadline counts as having needed this much longer
 
 
+def shaped_by_deadline(threads: list[dict]) -> bool:
+    """Whether a finished request's deadline changed what it did (its thread nodes, as dicts,
+    see `engine.threads.ThreadNode`): a thread cut ("truncated"), or a fork refused or joined
+    early (notes "fork refused: deadline", "fork N: early join: deadline"; a child's token
+    budget alone, "token budget N: deadline", cuts nothing unless the child reaches it). Such
+    a request ran less than its search: what it used is a floor of its cost, not its cost."""
+    return any(
+        node["status"] == "truncated"
+        or any(
+            note == "truncated" or note.endswith(("fork refused: deadline", "early join: deadline"))
+            for note in node["notes"]
+        )
+        for node in threads
+    )
+
+
 class StepTimes:
     """A replica's step time by the threads a step computes: in each power-of-two bucket of
     thread counts (1, 2-3, 4-7, ...), the mean of its last STEP_WINDOW steps, each counted
@@ -322,11 +338,12 @@ class Admission:
 
     def finished(self, replica: int, key: int, latency_s: float, ended: bool) -> None:
         """An admitted request is over: off its backlog, and its latency against the model's
-        prediction moves the correction (`ended` false: cut short, it would have taken longer
-        still)."""
+        prediction moves the correction (`ended` false: shaped by its deadline, it would have
+        taken longer still, so it can only raise the correction: a fork refused at its deadline
+        ends the request soon, and would otherwise lower it)."""
         job = self.backlogs[replica].jobs.pop(key, None)
         if job is not None and job.model_s:
-            ratio = latency_s / job.model_s * (1.0 if ended else CUT_PENALTY)
+            ratio = latency_s / job.model_s if ended else max(latency_s / job.model_s * CUT_PENALTY, self.scale)
             scale = self.scale ** (1 - SCALE_WEIGHT) * ratio**SCALE_WEIGHT  # a moving geometric mean
             self.scale = min(SCALE_LIMIT, max(1 / SCALE_LIMIT, scale))
 

@@ -50,7 +50,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayError
 
-from actors.admission import Admission, Cost, ReplicaModel, StepTimes
+from actors.admission import Admission, Cost, ReplicaModel, StepTimes, shaped_by_deadline
 from actors.outcomes import (
     LATE_GRACE_S,
     Refused,
@@ -302,12 +302,10 @@ class Coordinator:
         result["latency_s"] = time.monotonic() - admitted.arrived
         protocol = admitted.options.get("protocol") or DEFAULT_PROTOCOL
         usage = result["usage"]
-        # Whole: it ended on its own and was not squeezed by its deadline (children cut at their
-        # token budgets, early joins). One that was not wrote less than it would have: it may
-        # raise its cost, never lower it (else under load costs fall and admission lets in more
-        # than fits).
-        squeezed = any(node["status"] == "truncated" or "truncated" in node["notes"] for node in result["threads"])
-        whole = result["finish_reason"] == "stop" and not squeezed
+        # Whole: it ended on its own and its deadline did not shape it. One that was shaped wrote
+        # less than it would have: it may raise its cost, never lower it (else under load costs
+        # fall and admission lets in more than fits).
+        whole = result["finish_reason"] == "stop" and not shaped_by_deadline(result["threads"])
         self.admission.costs.observe(
             protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], whole
         )

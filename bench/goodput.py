@@ -36,6 +36,7 @@ from pathlib import Path
 
 import requests
 
+from actors.admission import shaped_by_deadline
 from bench.load import WHOLE_SEARCH, LocalService, percentile
 from countdown import problems
 from countdown.traces import prompt
@@ -113,6 +114,7 @@ def summarize(outcomes: list[tuple[int, dict, float]], seconds: float) -> dict:
         "answered_in_budget": len(met),
         "cut": sum(1 for b in answered if b["sla"]["outcome"] == "truncated"),
         "late": sum(1 for b in answered if b["sla"]["outcome"] == "late"),
+        "shaped": sum(1 for b in answered if shaped_by_deadline(b["threads"])),  # a fork refused, joined early, cut
         "refused": sum(1 for status, _, _ in outcomes if status in (429, 503)),
         "errors": sum(1 for status, _, _ in outcomes if status not in (200, 429, 503)),
         "admitted": len(answered),
@@ -157,15 +159,16 @@ def main() -> None:
             if not cap:
                 cap = capacity(service)
                 print(f"capacity of one replica: {cap:.2f} requests/s (8 in flight, no budget)", flush=True)
-            print(f"{'policy':<9} {'load':>5} {'req/s':>6} {'sent':>5} {'goodput':>8} {'solved':>7} {'in budget':>9} "
-                  f"{'cut':>4} {'late':>4} {'refused':>7} {'p50 s':>6} {'p99 s':>6}  caps", flush=True)  # fmt: skip
+            print(f"{'policy':<9} {'load':>5} {'req/s':>6} {'sent':>5} {'goodput':>8} {'solved':>7} "
+                  f"{'in budget':>9} {'cut':>4} {'late':>4} {'shaped':>6} {'refused':>7} "
+                  f"{'p50 s':>6} {'p99 s':>6}  caps", flush=True)  # fmt: skip
             for i, load in enumerate(args.loads):
                 stats = open_loop(service, load * cap, args.seconds, args.budget, args.seed + i)
                 rows.append({"policy": policy, "load": load, "rate_rps": round(load * cap, 3), **stats})
                 r = rows[-1]
                 print(f"{policy:<9} {load:>5} {r['rate_rps']:>6.2f} {r['requests']:>5} {r['goodput_rps']:>8.3f} "
-                      f"{r['solved']:>7} {r['answered_in_budget']:>9} {r['cut']:>4} {r['late']:>4} {r['refused']:>7} "
-                      f"{r['p50_s']:>6.2f} {r['p99_s']:>6.2f}  {r['caps']}", flush=True)  # fmt: skip
+                      f"{r['solved']:>7} {r['answered_in_budget']:>9} {r['cut']:>4} {r['late']:>4} {r['shaped']:>6} "
+                      f"{r['refused']:>7} {r['p50_s']:>6.2f} {r['p99_s']:>6.2f}  {r['caps']}", flush=True)  # fmt: skip
             if args.burst:
                 b = bursts[policy] = burst(service, args.burst, args.budget)
                 print(f"{policy}: {args.burst} at once: {b['solved']} solved in budget, {b['answered_in_budget']} "

@@ -8,7 +8,16 @@ import math
 
 import pytest
 
-from actors.admission import ADMIT_SHARE, STEP_WINDOW, Admission, Cost, Costs, ReplicaModel, StepTimes
+from actors.admission import (
+    ADMIT_SHARE,
+    STEP_WINDOW,
+    Admission,
+    Cost,
+    Costs,
+    ReplicaModel,
+    StepTimes,
+    shaped_by_deadline,
+)
 
 WIDTHS = (None, 2)  # the embedded model's: its own fan-out, or 2 at the root
 PRIOR = Cost(1000.0, 1000.0)
@@ -131,6 +140,32 @@ def test_the_prediction_is_corrected_by_measured_latencies_but_never_locks_a_rep
     assert busy == pytest.approx(1.5 * fresh_busy, rel=0.05)  # where others run, the correction applies
     assert idle == fresh_idle  # an idle replica is judged by the model alone: a correction grown too
     # large (say from requests slowed by others) cannot keep requests off it, and so from being corrected
+
+
+def test_a_request_shaped_by_its_deadline_can_only_raise_the_correction() -> None:
+    """Under a backlog a request whose fork was refused at its join time ends soon, having
+    searched nothing: taken as a measurement it would say the model is pessimistic and let in
+    more (measured here: half of the admitted requests at 4x load shaped so, bench.goodput)."""
+    admission = learned()
+    for i in range(30):  # each ends in 1 s where the model said 4 s, shaped by its deadline
+        key = admission.started(admit(admission, now=100.0 * i, budget_s=30.0))
+        admission.finished(0, key, 1.0, ended=False)
+    assert admission.scale == 1.0
+    for i in range(30, 60):  # cut at 6 s: it would have taken longer still
+        key = admission.started(admit(admission, now=100.0 * i, budget_s=30.0))
+        admission.finished(0, key, 6.0, ended=False)
+    assert admission.scale > 1.5
+
+
+def test_shaped_by_deadline_reads_the_threads_notes() -> None:
+    def node(status: str = "done", *notes: str) -> dict:
+        return {"status": status, "notes": list(notes)}
+
+    assert not shaped_by_deadline([node(), node("joined", "token budget 50: deadline"), node("pruned")])
+    assert shaped_by_deadline([node("done", "fork refused: deadline")])
+    assert shaped_by_deadline([node("done", "fork 0: early join: deadline"), node("joined")])
+    assert shaped_by_deadline([node(), node("pruned", "token budget 50: deadline", "truncated")])
+    assert shaped_by_deadline([node("truncated")])
 
 
 def test_nothing_learned_yet_a_request_is_tried_where_nothing_else_runs() -> None:

@@ -5,11 +5,13 @@ After every request the cache passes `check_integrity()` with no block in use.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
+from actors.admission import shaped_by_deadline
 from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
 from engine.sampling import SamplingParams
@@ -457,6 +459,7 @@ def test_a_budget_under_first_success_with_no_success_joins_none_of_the_children
     _, fast, slow = result.threads
     assert [fast.status, slow.status] == ["pruned", "pruned"] and slow.generated_tokens == 50
     assert result.text.startswith(TW_ROOT + "\n</Parallel>\nanswer more")
+    assert shaped_by_deadline([asdict(n) for n in result.threads])  # a child cut: admission learns no cost from it
     assert engine.cache.stats().used_blocks == 0
 
 
@@ -464,6 +467,8 @@ def test_no_fork_once_the_join_time_has_passed(ckpt: Path) -> None:
     result, _ = run_with_budget(ckpt, {"Q:": TW_ROOT + "answer"}, 0.4)  # joins due at 0.05 s: fork at 0.15 s
     assert [n.notes for n in result.threads] == [["fork refused: deadline"]]
     assert result.text == TW_ROOT + "answer" and result.finish_reason == "stop"
+    # It ended on its own, soon, having searched nothing: admission must not learn its cost from it.
+    assert shaped_by_deadline([asdict(n) for n in result.threads])
 
 
 def test_a_budget_counts_from_the_requests_arrival(ckpt: Path) -> None:
