@@ -16,7 +16,9 @@ where n = min(K, the threads the admitted requests keep busy: sum_j W_j / L_j): 
 throughput bound and the critical-path bound. `Backlog` keeps each replica's admitted
 requests and drains their work, in the same order, as time passes. What the model misses
 (per-request work outside decode steps, Python and Ray overheads) is corrected by one
-learned factor: each finished request's measured latency over its prediction.
+learned factor: each finished request's measured latency over its prediction. A request
+its deadline shaped (`shaped_by_deadline`: a fork refused or joined early, a thread cut)
+did less than its search, so it may raise a cost and the factor, never lower them.
 
 `Admission.admit` places a request with a budget: on the replica and at the widest fan-out
 cap where it is predicted to end within WIDE_SHARE of its budget, else at the narrowest
@@ -51,7 +53,7 @@ STEP_WINDOW = 128  # steps a replica's step time per bucket averages over
 STEP_CLIP = 2.0  # a step counts as at most this many times its bucket's median
 SCALE_WEIGHT = 0.1  # of the newest request in the correction of predicted latency
 SCALE_LIMIT = 2.0  # the correction stays within [1 / this, this]
-CUT_PENALTY = 1.25  # a request cut at its deadline counts as having needed this much longer
+CUT_PENALTY = 1.25  # a request its deadline shaped counts as having needed this much longer, at least
 
 
 def shaped_by_deadline(threads: list[dict]) -> bool:
