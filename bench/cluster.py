@@ -7,7 +7,8 @@ recompute, with how often the placement cost model chose the faster path.
    first_success, exact verifier; `--requests` test problems, 16 in flight) through a
    real local Ray cluster with 1 replica and then 2 (one core each). Peer: the
    1-replica cluster, same run.
-2. Prefix transfer vs recompute, for prefixes of 256..4096 tokens on the embedded model
+2. Prefix transfer vs recompute, for prefixes of 256 tokens up to the model's context
+   (2047 for the embedded model: a prompt leaves room for a token) on the embedded model
    and a larger random-weight config (~24M): transfer = a KV slice sent over gloo
    between two processes (the path replicas use); recompute = the receiving engine's
    prefill of the prefix. The cost model (`actors.placement.PrefixCost`) starts from a
@@ -41,7 +42,7 @@ from countdown.traces import prompt as countdown_prompt
 from engine.engine import Engine
 from engine.sampling import SamplingParams
 
-SIZES = [256, 512, 1024, 2048, 4096]
+SIZES = [256, 512, 1024, 2048, 4096]  # each model's that fit its context, the last cut to fit
 LARGER = dict(
     hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4
 )
@@ -130,9 +131,10 @@ def prefix_paths(name: str, model: str, repeats: int) -> list[dict]:
     engine = Engine(model, kv_cache_bytes=512 * 2**20)
     cost = PrefixCost()
     cost.observe_prefill(256, recompute_time(engine, 256, 1))  # what a replica measures at start
-    sent = transfer_times(model, SIZES, repeats)
+    sizes = sorted({min(n, engine.max_context - 1) for n in SIZES})  # a prompt leaves room for one token
+    sent = transfer_times(model, sizes, repeats)
     rows = []
-    for n in SIZES:
+    for n in sizes:
         recompute_s = recompute_time(engine, n, repeats)
         transfer_s, num_bytes = sent[n]
         chose = "transfer" if cost.transfer_s(num_bytes) <= cost.recompute_s(n) else "recompute"
