@@ -17,8 +17,9 @@ throughput bound and the critical-path bound. `Backlog` keeps each replica's adm
 requests and drains their work, in the same order, as time passes. What the model misses
 (per-request work outside decode steps, Python and Ray overheads) is corrected by one
 learned factor: each finished request's measured latency over its prediction. A request
-its deadline shaped (`shaped_by_deadline`: a fork refused or joined early, a thread cut)
-did less than its search, so it may raise a cost and the factor, never lower them.
+its deadline shaped (`ForkJoinResult.deadline_shaped`: a fork refused or joined early, a
+child cut at its deadline's token budget) did less than its search, so it may raise a cost
+and the factor, never lower them.
 
 `Admission.admit` places a request with a budget: on the replica and at the widest fan-out
 cap where it is predicted to end within WIDE_SHARE of its budget, else at the narrowest
@@ -54,22 +55,6 @@ STEP_CLIP = 2.0  # a step counts as at most this many times its bucket's median
 SCALE_WEIGHT = 0.1  # of the newest request in the correction of predicted latency
 SCALE_LIMIT = 2.0  # the correction stays within [1 / this, this]
 CUT_PENALTY = 1.25  # a request its deadline shaped counts as having needed this much longer, at least
-
-
-def shaped_by_deadline(threads: list[dict]) -> bool:
-    """Whether a finished request's deadline changed what it did (its thread nodes, as dicts,
-    see `engine.threads.ThreadNode`): a thread cut ("truncated"), or a fork refused or joined
-    early (notes "fork refused: deadline", "fork N: early join: deadline"; a child's token
-    budget alone, "token budget N: deadline", cuts nothing unless the child reaches it). Such
-    a request ran less than its search: what it used is a floor of its cost, not its cost."""
-    return any(
-        node["status"] == "truncated"
-        or any(
-            note == "truncated" or note.endswith(("fork refused: deadline", "early join: deadline"))
-            for note in node["notes"]
-        )
-        for node in threads
-    )
 
 
 class StepTimes:

@@ -50,7 +50,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayActorError, RayError
 
-from actors.admission import Admission, Cost, ReplicaModel, StepTimes, shaped_by_deadline
+from actors.admission import Admission, Cost, ReplicaModel, StepTimes
 from actors.outcomes import (
     LATE_GRACE_S,
     Refused,
@@ -305,7 +305,7 @@ class Coordinator:
         # Whole: it ended on its own and its deadline did not shape it. One that was shaped wrote
         # less than it would have: it may raise its cost, never lower it (else under load costs
         # fall and admission lets in more than fits).
-        whole = result["finish_reason"] == "stop" and not shaped_by_deadline(result["threads"])
+        whole = result["finish_reason"] == "stop" and not result["deadline_shaped"]
         self.admission.costs.observe(
             protocol, admitted.width, usage["generated_tokens"], usage["critical_path_tokens"], whole
         )

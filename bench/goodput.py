@@ -36,7 +36,6 @@ from pathlib import Path
 
 import requests
 
-from actors.admission import shaped_by_deadline
 from bench.load import WHOLE_SEARCH, LocalService, percentile
 from countdown import problems
 from countdown.traces import prompt
@@ -114,7 +113,7 @@ def summarize(outcomes: list[tuple[int, dict, float]], seconds: float) -> dict:
         "answered_in_budget": len(met),
         "cut": sum(1 for b in answered if b["sla"]["outcome"] == "truncated"),
         "late": sum(1 for b in answered if b["sla"]["outcome"] == "late"),
-        "shaped": sum(1 for b in answered if shaped_by_deadline(b["threads"])),  # a fork refused, joined early, cut
+        "shaped": sum(1 for b in answered if b["sla"]["deadline_shaped"]),  # a fork refused, joined early, cut
         "refused": sum(1 for status, _, _ in outcomes if status in (429, 503)),
         "errors": sum(1 for status, _, _ in outcomes if status not in (200, 429, 503)),
         "admitted": len(answered),

@@ -112,6 +112,7 @@ class Shape:
                 "met": None if outcome is None else outcome == "met",
                 "outcome": outcome,
                 "predicted_latency_s": result.get("predicted_latency_s"),
+                "deadline_shaped": result["deadline_shaped"],  # a fork refused or joined early, a child cut
             },
             "fanout_cap": result.get("fanout_cap"),
             "accepted": result.get("accepted"),

@@ -113,6 +113,8 @@ class _Request:
     remote: dict[int, RemoteChild] = field(default_factory=dict)  # node id (< 0) -> a child running elsewhere
     finish_reason: str | None = None
     cache_peak: dict[str, int] = field(default_factory=dict)
+    deadline_limited: set[int] = field(default_factory=set)  # node ids of children given a deadline's token budget
+    deadline_shaped: bool = False  # see `ForkJoinResult.deadline_shaped`
 
     def now(self) -> float:
         return self.clock() - self.start
@@ -253,6 +255,7 @@ class ForkJoinEngine:
         join_at = self._join_at(req, node.depth)
         if join_at is not None and req.now() >= join_at:
             node.notes.append("fork refused: deadline")
+            req.deadline_shaped = True
             return False
         if node.depth >= req.options.max_depth:
             node.notes.append(f"fork refused: max_depth {req.options.max_depth}")
@@ -333,6 +336,7 @@ class ForkJoinEngine:
         req.nodes[thread_id] = node
         if limit < req.options.child_max_tokens:
             node.notes.append(f"token budget {limit}: deadline")
+            req.deadline_limited.add(thread_id)
         if remote is not None:
             node.replica = remote.replica
         else:
@@ -367,6 +371,7 @@ class ForkJoinEngine:
                 node.notes.append(f"ran on replica {remote.replica}: {len(result['threads'])} threads")
                 req.generated += node.generated_tokens
                 status = REMOTE_STATUS.get(result["finish_reason"], "failed")
+                req.deadline_shaped |= result["deadline_shaped"]
                 self._record(req, fork, node, result["text"], status)
 
     def _register(self, req: _Request, thread: Thread, node: ThreadNode) -> None:
@@ -394,6 +399,7 @@ class ForkJoinEngine:
         node.end_s = req.now()
         if status == "truncated":
             text += req.protocol.closing()
+            req.deadline_shaped |= node.thread_id in req.deadline_limited  # cut by its deadline, not its own limit
         succeeded = status != "failed" and (self.succeeded or req.protocol.succeeded)(text)
         if succeeded and self.verifier is not None and not self.verifier(req.prompt, text):
             status, succeeded = "rejected", False
@@ -503,6 +509,7 @@ class ForkJoinEngine:
         """End the request END_STEPS (and one slow step) before its budget; join each fork due,
         with its running children cut where they are (joined "truncated"), waiting ones dropped."""
         if req.now() + END_STEPS * self.step_s + self.step_peak_s >= (req.options.max_latency_s or 0.0):
+            req.deadline_shaped = True
             self._finish(req, "deadline")
             return
         for fork in list(req.forks):
@@ -515,6 +522,7 @@ class ForkJoinEngine:
             if fork.kept is None:  # (first_success may have decided it just now)
                 fork.kept = self._kept(req, [r for r in fork.results if r is not None])
             req.nodes[fork.parent.thread_id].notes.append(f"fork {fork.fork_id}: early join: deadline")
+            req.deadline_shaped = True
 
     # ---- the request's end -----------------------------------------------------------
 
@@ -551,6 +559,7 @@ class ForkJoinEngine:
             cache=dict(req.cache_peak),
             first_token_s=req.first_token_s,
             logprobs=logprobs_dict(req.root.output_ids, req.root.logprobs),
+            deadline_shaped=req.deadline_shaped,
         )
 
     def _note_cache(self, req: _Request) -> None:

@@ -102,6 +102,10 @@ class ForkJoinResult:
     cache: dict[str, int]  # peak KV figures seen at forks and joins: used/shared/branch blocks, bytes
     first_token_s: float | None = None  # seconds from submission to the root's first token
     logprobs: dict | None = None  # the root's tokens' logprobs, when asked for (see `logprobs_dict`)
+    # Its latency budget changed what it did: a fork refused or joined early, a child cut at the
+    # token budget its join time set, a child elsewhere so shaped, or the request ended at its
+    # deadline. Then what it used is a floor of its cost, not its cost (admission reads this).
+    deadline_shaped: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)

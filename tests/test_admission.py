@@ -16,7 +16,6 @@ from actors.admission import (
     Costs,
     ReplicaModel,
     StepTimes,
-    shaped_by_deadline,
 )
 
 WIDTHS = (None, 2)  # the embedded model's: its own fan-out, or 2 at the root
@@ -155,17 +154,6 @@ def test_a_request_shaped_by_its_deadline_can_only_raise_the_correction() -> Non
         key = admission.started(admit(admission, now=100.0 * i, budget_s=30.0))
         admission.finished(0, key, 6.0, ended=False)
     assert admission.scale > 1.5
-
-
-def test_shaped_by_deadline_reads_the_threads_notes() -> None:
-    def node(status: str = "done", *notes: str) -> dict:
-        return {"status": status, "notes": list(notes)}
-
-    assert not shaped_by_deadline([node(), node("joined", "token budget 50: deadline"), node("pruned")])
-    assert shaped_by_deadline([node("done", "fork refused: deadline")])
-    assert shaped_by_deadline([node("done", "fork 0: early join: deadline"), node("joined")])
-    assert shaped_by_deadline([node(), node("pruned", "token budget 50: deadline", "truncated")])
-    assert shaped_by_deadline([node("truncated")])
 
 
 def test_nothing_learned_yet_a_request_is_tried_where_nothing_else_runs() -> None:

@@ -5,13 +5,11 @@ After every request the cache passes `check_integrity()` with no block in use.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from actors.admission import shaped_by_deadline
 from engine.engine import Engine
 from engine.forkjoin import ForkJoinEngine
 from engine.sampling import SamplingParams
@@ -385,6 +383,26 @@ def test_a_child_run_on_another_replica_joins_like_a_local_one(ckpt: Path, fail:
     assert engine.cache.stats().used_blocks == 0
 
 
+def test_a_child_shaped_by_its_deadline_elsewhere_shapes_the_request(ckpt: Path) -> None:
+    """The other replica says its request (the remote child) was shaped by its deadline (a fork
+    of its own refused there, say): the parent request here was too."""
+
+    class ShapedRemote(RemoteHere):
+        def result(self) -> dict | None:
+            result = super().result()
+            return None if result is None else {**result, "deadline_shaped": True}
+
+    class ShapedThere(OtherReplica):
+        def offload(self, *args):
+            remote = super().offload(*args)
+            return None if remote is None else ShapedRemote(self, remote.request_id)
+
+    engine, _ = scripted_engine(ckpt, TW_NESTED)
+    fj = ForkJoinEngine(engine, offload=ShapedThere(ckpt, TW_NESTED).offload)
+    (result,) = fj.run(["Q:"], ForkJoinOptions(protocol="threadweaver", sampling=SamplingParams(max_new_tokens=200)))
+    assert any(n.replica == 1 for n in result.threads) and result.deadline_shaped
+
+
 def test_multiverse_children_stay_with_their_parent(ckpt: Path) -> None:
     """A Multiverse join merges the children's KV into the parent's: its children run where the
     parent's KV is, never on another replica (the offload hook is not asked)."""
@@ -459,7 +477,7 @@ def test_a_budget_under_first_success_with_no_success_joins_none_of_the_children
     _, fast, slow = result.threads
     assert [fast.status, slow.status] == ["pruned", "pruned"] and slow.generated_tokens == 50
     assert result.text.startswith(TW_ROOT + "\n</Parallel>\nanswer more")
-    assert shaped_by_deadline([asdict(n) for n in result.threads])  # a child cut: admission learns no cost from it
+    assert result.deadline_shaped  # a child cut at its deadline: admission learns no cost from it
     assert engine.cache.stats().used_blocks == 0
 
 
@@ -468,7 +486,19 @@ def test_no_fork_once_the_join_time_has_passed(ckpt: Path) -> None:
     assert [n.notes for n in result.threads] == [["fork refused: deadline"]]
     assert result.text == TW_ROOT + "answer" and result.finish_reason == "stop"
     # It ended on its own, soon, having searched nothing: admission must not learn its cost from it.
-    assert shaped_by_deadline([asdict(n) for n in result.threads])
+    assert result.deadline_shaped
+
+
+def test_a_request_its_budget_did_not_touch_is_not_deadline_shaped(ckpt: Path) -> None:
+    """Children given a deadline's token budget that end before it, or a child cut at its own
+    `child_max_tokens` with no budget at all: the request's cost is what it used."""
+    scripts = {"Q:": TW_ROOT + "answer", "<Thread>\n1:1: a\n": "one</Thread>", "<Thread>\n2:2: b\n": "two</Thread>"}
+    result, _ = run_with_budget(ckpt, scripts, 1.0)
+    assert result.threads[1].notes == ["token budget 50: deadline"]
+    assert result.finish_reason == "stop" and not result.deadline_shaped
+    scripts["<Thread>\n2:2: b\n"] = "slow " * 100 + "</Thread>"
+    result, _, _ = run(ckpt, scripts, protocol="threadweaver", child_max_tokens=20)
+    assert result.threads[2].generated_tokens == 20 and not result.deadline_shaped
 
 
 def test_a_budget_counts_from_the_requests_arrival(ckpt: Path) -> None:
@@ -499,6 +529,7 @@ def test_nested_forks_join_first_so_that_each_parent_can_conclude(ckpt: Path) ->
     assert x.notes[-1] == "truncated" and x.end_s <= 0.33 + 0.01
     assert result.text.endswith("\n1:x\nslow slow sl</Thread>\n</Parallel>\ntwo</Thread>\n</Parallel>\nanswer")
     assert result.finish_reason == "stop" and root.end_s < 1.0 and not root.notes
+    assert result.deadline_shaped  # x's search was cut: what it used is a floor of its cost
     assert engine.cache.stats().used_blocks == 0
 
 

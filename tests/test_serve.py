@@ -89,7 +89,13 @@ def test_completion_through_the_openai_client_carries_the_thread_tree(server) ->
     braid = done.model_extra["braid"]
     assert len(braid["threads"]) > 1 and braid["threads"][0]["parent_id"] is None  # it forked
     assert done.usage.completion_tokens == sum(t["generated_tokens"] for t in braid["threads"])
-    assert braid["sla"] == {"max_latency_s": None, "met": None, "outcome": None, "predicted_latency_s": None}
+    assert braid["sla"] == {
+        "max_latency_s": None,
+        "met": None,
+        "outcome": None,
+        "predicted_latency_s": None,
+        "deadline_shaped": False,
+    }
     assert braid["fanout_cap"] is None and braid["accepted"] is True  # 44+8=52,52-12=40,40+3=43
     assert "timeline_svg" not in braid  # only on request:
     drawn = client(server).completions.create(model=NAME, prompt=PROMPT, extra_body={"timeline": True})
@@ -209,6 +215,7 @@ def test_a_budget_that_fits_is_met_and_one_predicted_not_to_is_refused_before_an
     braid = done.model_extra["braid"]
     assert braid["finish_reason"] == "stop" and braid["sla"]["met"] is True and braid["sla"]["outcome"] == "met"
     assert braid["sla"]["predicted_latency_s"] > 0 and braid["fanout_cap"] in (None, 2)
+    assert braid["sla"]["deadline_shaped"] is False  # ten times the time it took alone: nothing refused or cut
     before = replica_tokens(server)
     start = time.monotonic()
     hopeless = {"prompt": PROMPT, "max_tokens": WHOLE_SEARCH, "max_latency_s": took / 10}
