@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import statistics
 import tempfile
 import time
@@ -107,12 +108,32 @@ def transfer_times(model: str, sizes: list[int], repeats: int) -> dict[int, tupl
     for p in procs:
         p.start()
     results = {}
-    for _ in sizes:
-        n, seconds, num_bytes = out.get(timeout=600)
-        results[n] = (seconds, num_bytes)
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        for _ in sizes:
+            n, seconds, num_bytes = next_result(out, procs)
+            results[n] = (seconds, num_bytes)
+    finally:
+        for p in procs:
+            if len(results) < len(sizes):  # a worker died, or the driver stopped: the other waits at a barrier
+                p.terminate()
+            p.join(timeout=60)
     return results
+
+
+def next_result(out: mp.Queue, procs: list, timeout_s: float = 600.0) -> tuple[int, float, int]:
+    """The next prefix size's timing; raises at once when a worker has died (its traceback is
+    on stderr): the other would wait at its barrier for good."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            return out.get(timeout=1.0)
+        except queue.Empty:
+            for rank, p in enumerate(procs):
+                if p.exitcode not in (None, 0):
+                    raise RuntimeError(
+                        f"transfer worker {rank} exited with code {p.exitcode} (its traceback is above)"
+                    ) from None
+    raise TimeoutError(f"no transfer timing in {timeout_s:.0f} s")
 
 
 def recompute_time(engine: Engine, n: int, repeats: int) -> float:

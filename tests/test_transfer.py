@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from bench.cluster import transfer_times
 from cache_service import CacheConfig, KVCache
 from cache_service.transfer import KVTransfer, free_port
+from cluster.config import DEFAULT_MODEL
 
 
 def config(device: str, dtype: torch.dtype) -> CacheConfig:
@@ -108,3 +110,10 @@ def test_a_transferred_prefix_and_a_recomputed_one_give_the_same_logits(checkpoi
     assert receiver.cache.stats().prefix_hit_tokens == 32  # the child's prefill started after the imported blocks
     recomputed = child_logits(Engine(checkpoint, kv_cache_bytes=8 * 2**20, block_size=8))
     torch.testing.assert_close(transferred, recomputed, atol=1e-5, rtol=1e-5)
+
+
+def test_the_prefix_bench_stops_at_once_when_a_transfer_worker_dies() -> None:
+    """`bench.cluster`: a prefix longer than the model's context makes the sender raise; the
+    bench says which worker died instead of waiting, with the receiver, at a barrier."""
+    with pytest.raises(RuntimeError, match=r"transfer worker \d exited with code 1"):
+        transfer_times(str(DEFAULT_MODEL), [10**6], 1)
