@@ -36,8 +36,9 @@ LATENCY = Histogram(
     "braid_request_latency_seconds", "End-to-end request latency", ["model", "protocol"], buckets=LATENCY_BUCKETS
 )
 SLA = Counter(
-    "braid_sla", "Requests with a latency budget, by outcome: met, late, truncated (cut short)", ["model", "result"]
-)
+    "braid_sla", "Requests with a latency budget, by outcome: met, late, truncated (cut short); shaped: whether "
+    "the budget changed what it did (a fork refused or joined early, a child cut)", ["model", "result", "shaped"],
+)  # fmt: skip
 GOOD_ANSWERS = Counter(
     "braid_good_answers", "Answers that count toward goodput: ended on their own within their budget, the "
     "task's check passed", ["model", "protocol"],

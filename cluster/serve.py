@@ -443,7 +443,7 @@ class BraidAPI:
             metrics.FANOUT.labels(self.model, protocol).observe(width)
         outcome = sla_outcome(result, options)
         if outcome is not None:
-            metrics.SLA.labels(self.model, outcome).inc()
+            metrics.SLA.labels(self.model, outcome, str(result["deadline_shaped"]).lower()).inc()
         if good_answer(result, options):
             metrics.GOOD_ANSWERS.labels(self.model, protocol).inc()
         cap = result.get("fanout_cap")

@@ -29,6 +29,8 @@ DASHBOARDS: dict[str, list[tuple[str, str, list[str]]]] = {
          [f"sum(rate(braid_good_answers_total{RATE}))"]),
         ("Budgeted requests per second by SLA outcome (met, late, truncated)", "reqps",
          [f"sum by (result) (rate(braid_sla_total{RATE}))"]),
+        ("Budgeted answers shaped by their deadline (a fork refused or joined early, a child cut)", "percentunit",
+         [f'(sum(rate(braid_sla_total{{shaped="true"}}{RATE})) or vector(0)) / sum(rate(braid_sla_total{RATE}))']),
         ("Errors per second by kind", "reqps", [f"sum by (kind) (rate(braid_errors_total{RATE}))"]),
         ("Time to first token p50 / p99", "s",
          [f"histogram_quantile(0.5, sum by (le) (rate(braid_time_to_first_token_seconds_bucket{RATE})))",

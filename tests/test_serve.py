@@ -202,8 +202,12 @@ def replica_tokens(server) -> float:
 
 def sla_counts(server) -> dict[str, float]:
     text = requests.get(f"http://127.0.0.1:{server[1]}/metrics", timeout=10).text
-    rows = [line for line in text.splitlines() if line.startswith("braid_sla_total{")]
-    return {line.split('result="')[1].split('"')[0]: float(line.split()[-1]) for line in rows}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("braid_sla_total{"):  # a row per outcome and shaped (true, false)
+            result = line.split('result="')[1].split('"')[0]
+            counts[result] = counts.get(result, 0.0) + float(line.split()[-1])
+    return counts
 
 
 def test_a_budget_that_fits_is_met_and_one_predicted_not_to_is_refused_before_any_work(server) -> None:
@@ -216,6 +220,9 @@ def test_a_budget_that_fits_is_met_and_one_predicted_not_to_is_refused_before_an
     assert braid["finish_reason"] == "stop" and braid["sla"]["met"] is True and braid["sla"]["outcome"] == "met"
     assert braid["sla"]["predicted_latency_s"] > 0 and braid["fanout_cap"] in (None, 2)
     assert braid["sla"]["deadline_shaped"] is False  # ten times the time it took alone: nothing refused or cut
+    text = requests.get(f"http://127.0.0.1:{server[1]}/metrics", timeout=10).text
+    assert any(line.startswith("braid_sla_total{") and 'result="met"' in line and 'shaped="false"' in line
+               for line in text.splitlines())  # fmt: skip
     before = replica_tokens(server)
     start = time.monotonic()
     hopeless = {"prompt": PROMPT, "max_tokens": WHOLE_SEARCH, "max_latency_s": took / 10}
