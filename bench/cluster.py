@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import ray
@@ -120,7 +121,7 @@ def transfer_times(model: str, sizes: list[int], repeats: int) -> dict[int, tupl
     return results
 
 
-def next_result(out: mp.Queue, procs: list, timeout_s: float = 600.0) -> tuple[int, float, int]:
+def next_result(out: mp.Queue, procs: list[BaseProcess], timeout_s: float = 600.0) -> tuple[int, float, int]:
     """The next prefix size's timing; raises at once when a worker has died (its traceback is
     on stderr): the other would wait at its barrier for good."""
     end = time.monotonic() + timeout_s
