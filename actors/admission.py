@@ -25,13 +25,14 @@ The factor corrects the median; the spread is what a deadline meets. Under a bac
 admission fills a replica up to the join time, so a request predicted just within it
 overran half the time, and one that overruns is shaped and almost never solves (bench.goodput
 at 4x load: 36 of 157 admitted shaped, 1 of them solved; measured latency over predicted
-0.98 at the median, 1.17 at the 90th percentile). So admission asks that the prediction
-times its MARGIN_QUANTILE error (`margin`) end within the join time. The margin is learned
-from the last MARGIN_WINDOW requests predicted to end past NEAR_SHARE of their join time
-(a short prediction's error is larger, relative to it, and no deadline is near it); one
-shaped counts as at least the current margin, so it grows while more than a tenth of
-those are shaped. A shorter queue costs no throughput while a replica stays busy, and
-frees the compute those requests wasted.
+0.98 at the median, 1.17 at the 90th percentile). So admission keeps a `margin` free
+before the join time: the MARGIN_QUANTILE overrun (measured latency minus predicted, as a
+share of the budget) of the last MARGIN_WINDOW requests predicted to end past NEAR_SHARE
+of their join time (no deadline is near the others). One shaped counts as at least the
+current margin, so it grows while more than a tenth of those are shaped. An overrun in
+seconds shrinks with the queue ahead, so the margin does not feed on itself (a margin on
+the ratio did: a shorter queue, a larger ratio). A shorter queue costs no throughput while
+a replica stays busy, and frees the compute those requests wasted.
 
 `Admission.admit` places a request with a budget: on the replica and at the widest fan-out
 cap where it is predicted to end within WIDE_SHARE of its budget, else at the narrowest
@@ -67,8 +68,9 @@ STEP_CLIP = 2.0  # a step counts as at most this many times its bucket's median
 SCALE_WEIGHT = 0.1  # of the newest request in the correction of predicted latency
 SCALE_LIMIT = 2.0  # the correction stays within [1 / this, this]
 CUT_PENALTY = 1.25  # a request its deadline shaped counts as having needed this much longer, at least
-MARGIN_QUANTILE = 0.9  # of measured over predicted latency: what admission asks to end in time
+MARGIN_QUANTILE = 0.9  # of the overruns: what admission keeps free before the join time
 MARGIN_WINDOW = 64  # finished requests the margin is learned from
+MARGIN_LIMIT = 0.5  # of the budget, the margin at most
 NEAR_SHARE = 0.5  # of its join time, a request's predicted latency at least, for the margin to learn from it
 
 
@@ -184,8 +186,9 @@ class Job:
     tokens: float  # work left
     critical: float  # critical path left
     floor: float  # tokens it is assumed to have left while it runs, at least
+    budget_s: float = math.inf
     model_s: float | None = None  # its latency as the model alone predicted it at admission
-    near: bool = False  # predicted past NEAR_SHARE of its join time (the margin learns from it)
+    predicted_s: float = 0.0  # and as admission predicted it, the correction included
 
     @property
     def threads(self) -> float:
@@ -268,8 +271,8 @@ class Admission:
         self.backlogs = [Backlog(now) for _ in range(num_replicas)]
         self.costs = Costs()
         self.scale = 1.0  # measured latency over the model's prediction (a moving geometric mean)
-        self.errors: deque[float] = deque(maxlen=MARGIN_WINDOW)  # measured over corrected prediction
-        self.margin = 1.0  # their MARGIN_QUANTILE, at least 1
+        self.overruns: deque[float] = deque(maxlen=MARGIN_WINDOW)  # measured minus predicted, of the budget
+        self.margin = 0.0  # their MARGIN_QUANTILE, at least 0
         self.arrivals: deque[tuple[float, float]] = deque()  # (when, tokens) of recent requests with a budget
         self._keys = itertools.count()
 
@@ -293,26 +296,25 @@ class Admission:
             # correction ever too high, requests would still be admitted there and correct it.
             # The margin likewise: it is learned only from requests that run.
             scale = self.scale if backlog.jobs else min(self.scale, 1.0)
-            margin = self.margin if backlog.jobs else 1.0
+            margin = self.margin if backlog.jobs else 0.0
             for rank, width in choices:
                 cost = self.costs.get(protocol, width, widths)
                 tokens = min((cost or prior).tokens, prior.tokens)  # never more than the request may write
                 critical = min((cost or prior).critical_high, prior.critical)
-                job = Job(now + budget_s, tokens, critical, LEFT_FLOOR * tokens)
+                job = Job(now + budget_s, tokens, critical, LEFT_FLOOR * tokens, budget_s)
                 if cost is None and not backlog.jobs and budget_s >= MIN_STEPS * model.step.at(1):
                     return Decision(index, width, None, job=job)  # nothing known, nothing else there: try it
                 predicted = self._fits(backlog, model, job, now, scale)
                 if predicted is None:
                     continue
-                job.model_s = predicted / scale
-                job.near = predicted >= NEAR_SHARE * ADMIT_SHARE * budget_s
-                share = predicted * margin / budget_s
+                job.model_s, job.predicted_s = predicted / scale, predicted
+                share = predicted / budget_s + margin
                 if share <= ADMIT_SHARE and (share <= WIDE_SHARE or rank == len(widths) - 1):
                     key = (rank, predicted)  # the widest cap, then the soonest end
                     if best is None or key < best[0]:
                         best = (key, Decision(index, width, predicted, job=job))
                     break
-                late = min(late, predicted * margin - ADMIT_SHARE * budget_s)
+                late = min(late, predicted + (margin - ADMIT_SHARE) * budget_s)
         if best is not None:
             return best[1]
         return Decision(None, retry_after_s=max(1.0, late) if late < math.inf else 1.0)
@@ -352,11 +354,11 @@ class Admission:
         job = self.backlogs[replica].jobs.pop(key, None)
         if job is None or not job.model_s:
             return
-        if job.near:
-            error = latency_s / (job.model_s * self.scale)
-            self.errors.append(error if ended else max(error * CUT_PENALTY, self.margin))
-            ranked = sorted(self.errors)
-            self.margin = min(SCALE_LIMIT, max(1.0, ranked[int(MARGIN_QUANTILE * (len(ranked) - 1))]))
+        if job.predicted_s >= NEAR_SHARE * ADMIT_SHARE * job.budget_s:
+            overrun = ((latency_s if ended else latency_s * CUT_PENALTY) - job.predicted_s) / job.budget_s
+            self.overruns.append(overrun if ended else max(overrun, self.margin))
+            ranked = sorted(self.overruns)
+            self.margin = min(MARGIN_LIMIT, max(0.0, ranked[int(MARGIN_QUANTILE * (len(ranked) - 1))]))
         ratio = latency_s / job.model_s if ended else max(latency_s / job.model_s * CUT_PENALTY, self.scale)
         scale = self.scale ** (1 - SCALE_WEIGHT) * ratio**SCALE_WEIGHT  # a moving geometric mean
         self.scale = min(SCALE_LIMIT, max(1 / SCALE_LIMIT, scale))
