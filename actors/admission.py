@@ -28,11 +28,13 @@ at 4x load: 36 of 157 admitted shaped, 1 of them solved; measured latency over p
 0.98 at the median, 1.17 at the 90th percentile). So admission keeps a `margin` free
 before the join time: the MARGIN_QUANTILE overrun (measured latency minus predicted, as a
 share of the budget) of the last MARGIN_WINDOW requests predicted to end past NEAR_SHARE
-of their join time (no deadline is near the others). One shaped counts as at least the
-current margin, so it grows while more than a tenth of those are shaped. An overrun in
-seconds shrinks with the queue ahead, so the margin does not feed on itself (a margin on
-the ratio did: a shorter queue, a larger ratio). A shorter queue costs no throughput while
-a replica stays busy, and frees the compute those requests wasted.
+of their join time (no deadline is near the others); one shaped counts with the latency
+it had, a floor. An overrun in seconds shrinks with the queue ahead, so the margin does
+not feed on itself: a margin on the ratio of measured to predicted latency did (a shorter
+queue, a larger ratio), and so did one that counted a shaped request as at least the
+current margin (some are shaped at any queue: a search that finds nothing runs 2x the
+median). A shorter queue costs no throughput while a replica stays busy, and frees the
+compute those requests wasted.
 
 `Admission.admit` places a request with a budget: on the replica and at the widest fan-out
 cap where it is predicted to end within WIDE_SHARE of its budget, else at the narrowest
@@ -349,14 +351,13 @@ class Admission:
     def finished(self, replica: int, key: int, latency_s: float, ended: bool) -> None:
         """An admitted request is over: off its backlog, and its latency against the model's
         prediction moves the correction and the margin (`ended` false: shaped by its deadline,
-        it would have taken longer still, so it can only raise them: a fork refused at its
-        deadline ends the request soon, and would otherwise lower them)."""
+        it would have taken longer still, so it can only raise the correction: a fork refused
+        at its deadline ends the request soon, and would otherwise lower it)."""
         job = self.backlogs[replica].jobs.pop(key, None)
         if job is None or not job.model_s:
             return
         if job.predicted_s >= NEAR_SHARE * ADMIT_SHARE * job.budget_s:
-            overrun = ((latency_s if ended else latency_s * CUT_PENALTY) - job.predicted_s) / job.budget_s
-            self.overruns.append(overrun if ended else max(overrun, self.margin))
+            self.overruns.append((latency_s - job.predicted_s) / job.budget_s)
             ranked = sorted(self.overruns)
             self.margin = min(MARGIN_LIMIT, max(0.0, ranked[int(MARGIN_QUANTILE * (len(ranked) - 1))]))
         ratio = latency_s / job.model_s if ended else max(latency_s / job.model_s * CUT_PENALTY, self.scale)

@@ -10,6 +10,7 @@ import pytest
 
 from actors.admission import (
     ADMIT_SHARE,
+    MARGIN_WINDOW,
     STEP_WINDOW,
     Admission,
     Cost,
@@ -193,18 +194,24 @@ def test_admission_asks_the_spread_of_its_errors_to_end_in_time() -> None:
     assert len(with_margin) < len(flood(without))  # the same model, no margin: a longer queue
 
 
-def test_the_margin_learns_only_near_deadlines_and_a_shaped_request_never_lowers_it() -> None:
+def test_the_margin_learns_only_near_deadlines_and_follows_the_overruns_down_too() -> None:
     admission = learned()
     for i in range(40):  # predicted at 4 s of 30 s: no deadline near, whatever they measure
         key = admission.started(admit(admission, now=100.0 * i, budget_s=30.0))
         admission.finished(0, key, 8.0, ended=True)
     assert admission.margin == 0.0 and not admission.overruns
     admission = learned()
-    for i in range(40):
+    for i in range(40):  # predicted at 4 s of 10 s, each taking 6 s
         key = admission.started(admit(admission, now=100.0 * i))
         admission.finished(0, key, 6.0, ended=True)
-    learned_margin = admission.margin
-    for i in range(40, 120):  # shaped: a fork refused at its join time ends it at once
+    assert admission.margin == pytest.approx(0.2)
+    # Then on time, a fifth of them shaped at 7 s: each counts with the latency it had (a
+    # floor), not as at least the margin, which would grow it while they go on being shaped.
+    for i in range(40, 40 + MARGIN_WINDOW):
         key = admission.started(admit(admission, now=100.0 * i))
-        admission.finished(0, key, 0.5, ended=False)
-    assert admission.margin >= learned_margin > 0.0
+        admission.finished(0, key, 7.0 if i % 5 == 0 else 4.0, ended=i % 5 != 0)
+    assert admission.margin == pytest.approx(0.3)
+    for i in range(200, 200 + MARGIN_WINDOW):  # all on time: the margin is gone
+        key = admission.started(admit(admission, now=100.0 * i))
+        admission.finished(0, key, 4.0, ended=True)
+    assert admission.margin == 0.0
