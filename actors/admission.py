@@ -30,15 +30,13 @@ before the join time: the MARGIN_QUANTILE overrun (measured latency minus predic
 share of the budget) of the last MARGIN_WINDOW requests predicted to end past NEAR_SHARE
 of their join time (no deadline is near the others); one shaped counts with the latency
 it had, a floor. An overrun in seconds shrinks with the queue ahead, so the margin does
-not feed on itself: a margin on the ratio of measured to predicted latency did (a shorter
-queue, a larger ratio), and so did one that counted a shaped request as at least the
-current margin (some are shaped at any queue: a search that finds nothing runs 2x the
-median). A shorter queue costs no throughput while a replica stays busy, and frees the
-compute those requests wasted.
+not feed on itself (a margin on the ratio of measured to predicted latency did: a shorter
+queue, a larger ratio). A shorter queue costs no throughput while a replica stays busy,
+and frees the compute those requests wasted.
 
 `Admission.admit` places a request with a budget: on the replica and at the widest fan-out
-cap where it is predicted to end within WIDE_SHARE of its budget, else at the narrowest
-cap that ends within ADMIT_SHARE of it (forks join by `EARLY_JOIN` of the budget: past
+cap where it is predicted, with the margin, to end within WIDE_SHARE of its budget, else at
+the narrowest cap that ends within ADMIT_SHARE of it (forks join by `EARLY_JOIN` of the budget: past
 that its children would be cut), and only where no request already admitted is pushed
 past its own deadline. Else it is refused, with the seconds after which it would fit.
 Under load only the narrowest cap is given: when the work asked of the cluster lately
@@ -188,7 +186,7 @@ class Job:
     tokens: float  # work left
     critical: float  # critical path left
     floor: float  # tokens it is assumed to have left while it runs, at least
-    budget_s: float = math.inf
+    budget_s: float = math.inf  # its latency budget
     model_s: float | None = None  # its latency as the model alone predicted it at admission
     predicted_s: float = 0.0  # and as admission predicted it, the correction included
 
