@@ -354,10 +354,12 @@ class Coordinator:
         self._reconnect_later()
 
     async def health(self) -> dict:
-        """For readiness and metrics: replicas configured and live, and what failed so far."""
+        """For readiness and metrics: replicas configured and live, what failed so far, and
+        what admission has learned of its predictions (correction and margin)."""
         self._start_background()
         return {"configured": len(self.replicas), "live": sum(self.live), "failures": self.failures,
-                "retries": self.retries, "restarts": self.restarts, "timeouts": self.timeouts}  # fmt: skip
+                "retries": self.retries, "restarts": self.restarts, "timeouts": self.timeouts,
+                "latency_correction": self.admission.scale, "admission_margin": self.admission.margin}  # fmt: skip
 
     def costs(self) -> dict[str, dict]:
         """What admission has learned: each (protocol, fan-out cap)'s expected cost."""

@@ -124,6 +124,10 @@ class ClusterHealth:
             ("braid_replica_restarts", CounterMetricFamily, "Replicas live again after they were not", "restarts"),
             ("braid_request_timeouts", CounterMetricFamily, "Requests ended at their time limit (HTTP 504)",
              "timeouts"),
+            ("braid_admission_latency_correction", GaugeMetricFamily, "Admission's learned correction: measured "
+             "latency over its model's prediction", "latency_correction"),
+            ("braid_admission_margin", GaugeMetricFamily, "Share of a budget admission keeps free before the join "
+             "time for the spread of its predictions (learned)", "admission_margin"),
         ):  # fmt: skip
             family = kind(name, help_text, labels=["model"])
             if health is not None:

@@ -32,6 +32,8 @@ DASHBOARDS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("Budgeted answers shaped by their deadline (a fork refused or joined early, a child cut)", "percentunit",
          [f'(sum(rate(braid_sla_total{{shaped="true"}}{RATE})) or vector(0)) / sum(rate(braid_sla_total{RATE}))']),
         ("Errors per second by kind", "reqps", [f"sum by (kind) (rate(braid_errors_total{RATE}))"]),
+        ("Admission: correction of its predicted latency, and margin kept for their spread (share of the budget)",
+         "short", ["max(braid_admission_latency_correction)", "max(braid_admission_margin)"]),
         ("Time to first token p50 / p99", "s",
          [f"histogram_quantile(0.5, sum by (le) (rate(braid_time_to_first_token_seconds_bucket{RATE})))",
           f"histogram_quantile(0.99, sum by (le) (rate(braid_time_to_first_token_seconds_bucket{RATE})))"]),
