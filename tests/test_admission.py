@@ -15,6 +15,7 @@ from actors.admission import (
     Admission,
     Cost,
     Costs,
+    Decision,
     ReplicaModel,
     StepTimes,
 )
@@ -170,17 +171,17 @@ def test_nothing_learned_yet_a_request_is_tried_where_nothing_else_runs() -> Non
     assert math.isfinite(models[0].capacity())
 
 
-def test_admission_asks_the_spread_of_its_errors_to_end_in_time() -> None:
+def test_admission_keeps_the_spread_of_its_predictions_within_the_join_time() -> None:
     """Under a backlog admission fills a replica up to the join time, so a request predicted
     just within it overran half the time and was shaped (bench.goodput at 4x: 36 of 157
-    admitted, 1 of them solved). The learned margin keeps the predictions' spread in time."""
+    admitted shaped, 1 of them solved). The learned margin keeps the predictions' spread in time."""
     admission = learned()
     for i in range(40):  # alone, each predicted at 4 s of a 10 s budget (near its join time); some take 30% longer
         key = admission.started(admit(admission, now=100.0 * i))
         admission.finished(0, key, 5.2 if i % 4 == 0 else 4.0, ended=True)
     assert admission.margin == pytest.approx(0.12)  # the 90th percentile overrun, 1.2 s of the 10 s budget
 
-    def flood(admission: Admission) -> list:
+    def flood(admission: Admission) -> list[Decision]:
         admitted = []
         while (decision := admit(admission, now=1e4)).replica is not None:
             admission.started(decision)
