@@ -186,7 +186,7 @@ class Job:
     tokens: float  # work left
     critical: float  # critical path left
     floor: float  # tokens it is assumed to have left while it runs, at least
-    budget_s: float = math.inf  # its latency budget
+    budget_s: float  # its latency budget
     model_s: float | None = None  # its latency as the model alone predicted it at admission
     predicted_s: float = 0.0  # and as admission predicted it, the correction included
 
